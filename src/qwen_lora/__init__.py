@@ -1,0 +1,22 @@
+"""Qwen2.5 in MLX: Hugging Face weights, LoRA fine-tuning and KV-cache generation."""
+
+__version__ = "0.1.0"
+
+# The optimized BLAS must be loaded before anything imports mlx.core (see backend.py).
+from qwen_lora.backend import load_fast_blas as _load_fast_blas
+
+_load_fast_blas()
+
+from qwen_lora.cache import KVCache, make_cache  # noqa: E402
+from qwen_lora.config import ModelConfig, preset  # noqa: E402
+from qwen_lora.errors import AdapterError, DataError, ModelLoadError  # noqa: E402
+from qwen_lora.generate import GenerationStep, generate, stream_generate  # noqa: E402
+from qwen_lora.model import Model  # noqa: E402
+from qwen_lora.sampling import Sampler, make_sampler  # noqa: E402
+from qwen_lora.weights import init_model_dir, load, save  # noqa: E402
+
+__all__ = [
+    "AdapterError", "DataError", "GenerationStep", "KVCache", "Model", "ModelConfig",
+    "ModelLoadError", "Sampler", "__version__", "generate", "init_model_dir", "load",
+    "make_cache", "make_sampler", "preset", "save", "stream_generate",
+]

@@ -1,0 +1,116 @@
+"""Autoregressive generation with a KV cache (or full recomputation), streamed token by token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from qwen_lora.model import Model
+from qwen_lora.sampling import Sampler
+
+SamplerFn = Callable[[mx.array], mx.array]
+GREEDY = Sampler()
+
+
+@dataclass
+class GenerationStep:
+    """One generated token and the running statistics of the generation."""
+
+    token: int
+    index: int  # 0 for the first generated token
+    prompt_tokens: int
+    time_to_first_token: float  # seconds from the call to the first token (prefill + sample)
+    prompt_tps: float  # prompt tokens per second of prefill
+    token_latency: float  # seconds spent producing this token
+    generation_tps: float  # generated tokens per second so far, after the first
+    peak_memory: int  # bytes, MLX's peak since the generation started
+    finish_reason: str | None = None  # "stop", "length" or None while going on
+
+
+def _eval_cache(cache) -> None:
+    mx.eval([c.state for c in cache])
+
+
+def prefill(model: Model, prompt: mx.array, cache, chunk: int = 512) -> mx.array:
+    """Run the prompt (batch, length) through the model in chunks; return the last logits."""
+    length = prompt.shape[1]
+    start = 0
+    while length - start > chunk:
+        model.model(prompt[:, start:start + chunk], cache=cache)
+        _eval_cache(cache)
+        start += chunk
+    return model(prompt[:, start:], cache=cache, last_only=True)[:, -1, :]
+
+
+def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
+                    sampler: SamplerFn | None = None, use_cache: bool = True,
+                    stop_tokens: Iterable[int] | None = None,
+                    prefill_chunk: int = 512) -> Iterator[GenerationStep]:
+    """Yield generated tokens one at a time with timing and memory figures.
+
+    `use_cache=False` recomputes the whole sequence for every token (what a KV cache saves).
+    `stop_tokens` defaults to the model's EOS ids; pass `()` to always produce `max_tokens`.
+    """
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    tokens = [int(t) for t in prompt_ids]
+    n_prompt = len(tokens)
+    if not tokens:
+        raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
+    vocab = model.config.vocab_size
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+    sampler = sampler or GREEDY
+    stops = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
+    if max_tokens == 0:
+        return
+
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    cache = model.make_cache() if use_cache else None
+    prompt = mx.array(tokens, dtype=mx.int32)[None]
+    if use_cache:
+        logits = prefill(model, prompt, cache, prefill_chunk)
+    else:
+        logits = model(prompt, last_only=True)[:, -1, :]
+    token = int(sampler(logits)[0].item())
+    now = time.perf_counter()
+    ttft = now - start
+    prompt_tps = n_prompt / ttft
+    generated = 0
+    first_done = now
+    previous = now
+    while True:
+        generated += 1
+        done = token in stops or generated >= max_tokens
+        reason = ("stop" if token in stops else "length") if done else None
+        yield GenerationStep(
+            token=token, index=generated - 1, prompt_tokens=n_prompt,
+            time_to_first_token=ttft, prompt_tps=prompt_tps, token_latency=now - previous
+            if generated > 1 else ttft,
+            generation_tps=(generated - 1) / (now - first_done) if generated > 1 else 0.0,
+            peak_memory=mx.get_peak_memory(), finish_reason=reason)
+        if done:
+            return
+        tokens.append(token)
+        if use_cache:
+            logits = model(mx.array([[token]], dtype=mx.int32), cache=cache)[:, -1, :]
+        else:
+            logits = model(mx.array(tokens, dtype=mx.int32)[None], last_only=True)[:, -1, :]
+        token = int(sampler(logits)[0].item())
+        previous, now = now, time.perf_counter()
+
+
+def generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
+             sampler: SamplerFn | None = None, use_cache: bool = True,
+             stop_tokens: Iterable[int] | None = None) -> list[int]:
+    """The generated token ids (greedy when no sampler), stopping at EOS or `max_tokens`."""
+    return [step.token for step in stream_generate(
+        model, prompt_ids, max_tokens, sampler=sampler, use_cache=use_cache,
+        stop_tokens=stop_tokens)]
