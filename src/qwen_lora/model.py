@@ -79,6 +79,7 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
 
     def __call__(self, inputs: mx.array, mask: Mask = None,
                  cache: list[KVCache] | None = None) -> mx.array:
@@ -86,8 +87,20 @@ class Qwen2Model(nn.Module):
         if mask is None and h.shape[1] > 1:
             mask = "causal"
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, cache[i] if cache is not None else None)
+            layer_cache = cache[i] if cache is not None else None
+            if self.gradient_checkpointing and cache is None:
+                h = _checkpointed(layer, h, mask)
+            else:
+                h = layer(h, mask, layer_cache)
         return h
+
+
+def _checkpointed(layer: DecoderLayer, h: mx.array, mask: Mask) -> mx.array:
+    """Run `layer` so that its activations are recomputed, not stored, for the backward pass."""
+    def run(params, x):
+        layer.update(params)
+        return layer(x, mask)
+    return mx.checkpoint(run)(layer.trainable_parameters(), h)
 
 
 class Model(nn.Module):

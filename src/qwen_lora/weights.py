@@ -70,7 +70,7 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
         raise ModelLoadError(f"{text}: cannot download the model: {err}") from None
 
 
-def _check_safetensors(file: Path) -> dict[str, dict[str, Any]]:
+def check_safetensors(file: Path) -> dict[str, dict[str, Any]]:
     """Read a safetensors header and check every tensor's bytes are present in the file."""
     try:
         size = file.stat().st_size
@@ -125,7 +125,7 @@ def read_weights(model_dir: Path) -> dict[str, tuple[mx.array, Path]]:
     """Every tensor of the directory with the file it came from, validated before loading."""
     tensors: dict[str, tuple[mx.array, Path]] = {}
     for file in weight_files(model_dir):
-        _check_safetensors(file)
+        check_safetensors(file)
         try:
             arrays = mx.load(str(file))
         except Exception as err:  # mx.load raises RuntimeError/ValueError with terse text

@@ -1,0 +1,257 @@
+"""Low-rank adapters (LoRA): wrap frozen projections, save/load adapters, fuse them back.
+
+The adapter format is mlx-lm's: `adapters.safetensors` with `...q_proj.lora_a` (in, rank) and
+`...q_proj.lora_b` (rank, out), and `adapter_config.json` with `lora_parameters` {rank, scale,
+dropout, keys} and `num_layers`; we add `alpha`, `targets` and `layers`. Either tool loads
+adapters trained by the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from qwen_lora.errors import AdapterError, ModelLoadError
+from qwen_lora.weights import atomic_save_safetensors, atomic_write_text, check_safetensors
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Short target names and where they live inside a decoder layer (HF names).
+TARGETS = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+
+
+class LoRALinear(nn.Module):
+    """y = linear(x) + scale * dropout(x) @ A @ B, with the base `linear` frozen.
+
+    B starts at zero, so a fresh adapter leaves the model's output unchanged.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        out_dims, in_dims = linear.weight.shape
+        self.linear = linear
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        bound = 1.0 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank), dtype=linear.weight.dtype)
+        self.lora_b = mx.zeros((rank, out_dims), dtype=linear.weight.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        z = self.dropout(x) if self.dropout is not None else x
+        return y + (self.scale * ((z @ self.lora_a) @ self.lora_b)).astype(y.dtype)
+
+    def fused(self) -> nn.Linear:
+        """A plain linear layer whose weight includes the adapter's update."""
+        weight = self.linear.weight
+        out_dims, in_dims = weight.shape
+        has_bias = "bias" in self.linear
+        fused = nn.Linear(in_dims, out_dims, bias=has_bias)
+        delta = (self.scale * self.lora_b.T.astype(mx.float32)) @ self.lora_a.T.astype(mx.float32)
+        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        if has_bias:
+            fused.bias = self.linear.bias
+        return fused
+
+
+def _check(rank: int, alpha: float, dropout: float, targets: Sequence[str]) -> list[str]:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    names = [t.split(".")[-1] for t in targets]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"unknown LoRA target {unknown[0] if unknown else '(none)'!r}; "
+                         f"choose from {', '.join(TARGETS)}")
+    return names
+
+
+def _layer_indices(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
+    count = len(model.layers)
+    if layers is None:
+        return list(range(count))
+    indices = sorted(set(int(i) for i in layers))
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"layer {bad[0]} does not exist: the model has layers 0..{count - 1}")
+    return indices
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
+               targets: Sequence[str] = ("q_proj", "v_proj"), layers: Iterable[int] | None = None,
+               dropout: float = 0.0) -> nn.Module:
+    """Freeze `model` and wrap the named projections of the chosen layers (default: all).
+
+    Returns the model; `trainable_parameters(model)` counts what training will update.
+    """
+    names = _check(rank, alpha, dropout, targets)
+    indices = _layer_indices(model, layers)
+    model.freeze()
+    for i in indices:
+        layer = model.layers[i]
+        wrapped = []
+        for name in names:
+            path = TARGETS[name]
+            module = _module(layer, path)
+            if isinstance(module, LoRALinear):
+                raise ValueError(f"layer {i} {path} already has a LoRA adapter")
+            wrapped.append((path, LoRALinear(module, rank, alpha, dropout)))
+        layer.update_modules(tree_unflatten(wrapped))
+    model.lora_config = {"rank": rank, "alpha": float(alpha), "dropout": float(dropout),
+                         "targets": names, "layers": indices}
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars (the LoRA matrices once `apply_lora` froze the rest)."""
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The LoRA matrices by their mlx-lm names."""
+    return {k: v for k, v in tree_flatten(model.parameters())
+            if k.endswith((".lora_a", ".lora_b"))}
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """`adapter_config.json` content, readable by qwen_lora and by mlx-lm."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise AdapterError("the model has no LoRA adapters (call apply_lora first)")
+    count = len(model.layers)
+    layers = cfg["layers"]
+    # mlx-lm adapts the last `num_layers` layers; exact when ours are a suffix.
+    suffix = layers == list(range(count - len(layers), count))
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": len(layers) if suffix else count,
+        "lora_parameters": {"rank": cfg["rank"], "scale": cfg["alpha"] / cfg["rank"],
+                            "dropout": cfg["dropout"],
+                            "keys": [TARGETS[t] for t in cfg["targets"]]},
+        "rank": cfg["rank"], "alpha": cfg["alpha"], "targets": cfg["targets"],
+        "layers": layers,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike,
+                 extra_config: dict[str, Any] | None = None) -> Path:
+    """Write `adapters.safetensors` and `adapter_config.json` atomically into `path`."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {**adapter_config(model), **(extra_config or {})}
+    atomic_save_safetensors(directory / ADAPTER_FILE, adapter_weights(model))
+    atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    return directory
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse an adapter directory's config into rank/alpha/dropout/targets/layers."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{file}: no adapter_config.json in the adapter directory") from None
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if raw.get("fine_tune_type", "lora") != "lora":
+        raise AdapterError(f"{file}: fine_tune_type {raw['fine_tune_type']!r} is not 'lora'")
+    params = raw.get("lora_parameters", {})
+    try:
+        rank = int(raw.get("rank", params["rank"]))
+        alpha = float(raw.get("alpha", params["scale"] * rank))
+        dropout = float(raw.get("dropout", params.get("dropout", 0.0)))
+        targets = raw.get("targets") or [k.split(".")[-1] for k in params["keys"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{file}: incomplete LoRA parameters ({err})") from None
+    return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
+            "layers": raw.get("layers"), "num_layers": raw.get("num_layers")}
+
+
+def _module(layer: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply the adapter saved in `path` to a base model, checking every name and shape first:
+    on any error the model is left untouched."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: no such adapter directory")
+    cfg = read_adapter_config(directory)
+    config_file = directory / ADAPTER_CONFIG
+    count = len(model.layers)
+    layers = cfg["layers"]
+    if layers is None:
+        n = cfg["num_layers"] if cfg["num_layers"] is not None else count
+        if not 0 <= n <= count:
+            raise AdapterError(f"{config_file}: num_layers {n} but the model has {count} layers")
+        layers = list(range(count - n, count))
+    try:
+        targets = _check(cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+        layers = _layer_indices(model, layers)
+    except ValueError as err:
+        raise AdapterError(f"{config_file}: {err}") from None
+    expected = {}
+    for i in layers:
+        for target in targets:
+            path_in_layer = TARGETS[target]
+            out_dims, in_dims = _module(model.layers[i], path_in_layer).weight.shape
+            prefix = f"model.layers.{i}.{path_in_layer}"
+            expected[f"{prefix}.lora_a"] = (in_dims, cfg["rank"])
+            expected[f"{prefix}.lora_b"] = (cfg["rank"], out_dims)
+    file = directory / ADAPTER_FILE
+    try:
+        check_safetensors(file)
+        weights = mx.load(str(file))
+    except ModelLoadError as err:
+        raise AdapterError(str(err)) from None
+    except (RuntimeError, ValueError) as err:
+        raise AdapterError(f"{file}: cannot read safetensors: {err}") from None
+    for name, array in weights.items():
+        if name not in expected:
+            raise AdapterError(f"{file}: tensor {name!r} is not an adapter of this model")
+        if tuple(array.shape) != expected[name]:
+            raise AdapterError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
+                               f"expected {expected[name]}")
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise AdapterError(f"{file}: missing tensor {missing[0]!r}")
+    apply_lora(model, cfg["rank"], cfg["alpha"], targets, layers, cfg["dropout"])
+    dtype = model.layers[0].input_layernorm.weight.dtype
+    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    mx.eval(model.parameters())
+    return model
+
+
+def fuse_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight, leaving a plain model (for saving/speed)."""
+    for layer in model.layers:
+        fused = [(name, module.fused()) for name, module in layer.named_modules()
+                 if isinstance(module, LoRALinear)]
+        if fused:
+            layer.update_modules(tree_unflatten(fused))
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    model.unfreeze()
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,90 @@
+"""The LoRA training step: masked next-token loss, gradients of the adapters, AdamW update.
+
+Kept apart from the trainer loop (train.py) so benchmarks time exactly what training runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+Batch = tuple[mx.array, mx.array, mx.array]  # inputs, targets (batch, length) and loss mask
+
+
+def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array,
+            mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the positions where `mask` is 1; also returns their count."""
+    logits = model(inputs).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return losses.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 0.01) -> optim.AdamW:
+    """AdamW with the seed's defaults (lr 1e-4, weight decay 0.01)."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+
+
+def make_grad_fn(model: nn.Module, grad_checkpoint: bool = False) -> Callable:
+    """(model, inputs, targets, mask) -> ((loss, ntoks), grads of the trainable parameters).
+
+    `grad_checkpoint` recomputes each layer's activations in the backward pass instead of
+    keeping them: less memory, about one more forward pass of time.
+    """
+    model.model.gradient_checkpointing = grad_checkpoint
+    return nn.value_and_grad(model, loss_fn)
+
+
+class TrainStep:
+    """One optimizer step over a batch: forward, backward, AdamW update, compiled by default.
+
+    `accumulate` micro-batches add their gradients before a single update.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, compile: bool = True,
+                 grad_checkpoint: bool = False) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_fn = make_grad_fn(model, grad_checkpoint)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        def step(inputs, targets, mask):
+            (loss, ntoks), grads = self.grad_fn(model, inputs, targets, mask)
+            optimizer.update(model, grads)
+            return loss, ntoks
+
+        def grads_only(inputs, targets, mask):
+            (loss, ntoks), grads = self.grad_fn(model, inputs, targets, mask)
+            return loss, ntoks, grads
+
+        wrap = partial(mx.compile, inputs=state, outputs=state) if compile else (lambda f: f)
+        self._step = wrap(step)
+        self._grads = wrap(grads_only)
+
+    def __call__(self, *batches: Batch) -> tuple[float, int]:
+        """Train on one batch, or accumulate over several micro-batches; returns (loss, tokens)."""
+        if len(batches) == 1:
+            loss, ntoks = self._step(*batches[0])
+            mx.eval(loss, ntoks, self.model.state, self.optimizer.state)
+            return loss.item(), int(ntoks.item())
+        total_loss, total_toks, summed = 0.0, 0, None
+        for batch in batches:
+            loss, ntoks, grads = self._grads(*batch)
+            n = ntoks
+            weighted = nn.utils.tree_map(lambda g, n=n: g * n, grads)
+            summed = weighted if summed is None else nn.utils.tree_map(mx.add, summed, weighted)
+            mx.eval(summed, loss, ntoks)
+            total_loss += loss.item() * ntoks.item()
+            total_toks += int(ntoks.item())
+        grads = nn.utils.tree_map(lambda g: g / max(total_toks, 1), summed)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.state, self.optimizer.state)
+        return total_loss / max(total_toks, 1), total_toks
