@@ -41,7 +41,8 @@ def test_greedy_generation_matches_transformers(which, request):
                           do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = out[0, len(PROMPT):].tolist()
     model = load(path, dtype="float32")
-    assert generate(model, PROMPT, 24, stop_tokens=()) == expected
+    assert generate(model, PROMPT, 24, stop_tokens=(), compiled=False) == expected
+    assert generate(model, PROMPT, 24, stop_tokens=(), compiled=True) == expected
     assert generate(model, PROMPT, 24, stop_tokens=(), use_cache=False) == expected
 
 
@@ -49,6 +50,20 @@ def test_cached_and_uncached_generation_are_identical(hf_untied):
     model = load(hf_untied, dtype="float32")
     assert (generate(model, PROMPT, 40, stop_tokens=())
             == generate(model, PROMPT, 40, stop_tokens=(), use_cache=False))
+
+
+def test_compiled_static_cache_matches_eager_logits(hf_untied):
+    """The compiled decoder's fixed-capacity cache and mask give the eager cache's logits."""
+    from qwen_lora.generate import Decoder
+
+    model = load(hf_untied, dtype="float32")
+    eager, static = Decoder(model, 256, compiled=False), Decoder(model, 256, compiled=True)
+    prompt = mx.array([PROMPT])
+    np.testing.assert_allclose(np.array(static.prefill(prompt, 5)),
+                               np.array(eager.prefill(prompt, 5)), atol=1e-4)
+    for token in (3, 77, 250):
+        t = mx.array([[token]])
+        np.testing.assert_allclose(np.array(static.step(t)), np.array(eager.step(t)), atol=1e-4)
 
 
 def test_chunked_prefill_equals_one_pass(hf_tied):

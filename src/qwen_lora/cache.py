@@ -73,3 +73,47 @@ def make_cache(num_layers: int, step: int = 256, capacity: int | None = None) ->
 def cache_nbytes(cache: list[KVCache]) -> int:
     """Total bytes of a model's cache."""
     return sum(c.nbytes for c in cache)
+
+
+class StaticKVCache:
+    """A fixed-capacity cache whose shapes never change, so a decode step can be compiled.
+
+    The write position is an array, not a Python int: `mx.compile` then traces one graph for
+    every step. Attention spans the whole buffer with a mask hiding unwritten slots, so pick
+    `capacity` close to prompt + new tokens. All state lives in `self.state`, mutated in place,
+    which is what `mx.compile(..., inputs=state, outputs=state)` tracks.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: mx.Dtype) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.capacity = capacity
+        self.state = [mx.zeros(shape, dtype), mx.zeros(shape, dtype), mx.array(0, mx.int32)]
+
+    @property
+    def offset(self) -> mx.array:
+        return self.state[2]
+
+    def mask(self, length: int) -> mx.array:
+        """(length, capacity) booleans: query i sees keys up to its own position."""
+        queries = self.offset + mx.arange(length)
+        return mx.arange(self.capacity)[None, :] <= queries[:, None]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.offset.reshape(1)
+        self.state[0] = mx.slice_update(self.state[0], keys, start, axes=(2,))
+        self.state[1] = mx.slice_update(self.state[1], values, start, axes=(2,))
+        self.state[2] = self.offset + keys.shape[2]
+        return self.state[0], self.state[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.state[0].nbytes + self.state[1].nbytes
+
+
+def make_static_cache(num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                      dtype: mx.Dtype) -> list[StaticKVCache]:
+    """One `StaticKVCache` per decoder layer."""
+    return [StaticKVCache(batch, kv_heads, head_dim, capacity, dtype) for _ in range(num_layers)]

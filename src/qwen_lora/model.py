@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen_lora.cache import KVCache, make_cache
+from qwen_lora.cache import KVCache, StaticKVCache, make_cache, make_static_cache
 from qwen_lora.config import ModelConfig
 
 Mask = mx.array | str | None
@@ -33,6 +33,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
+        if isinstance(cache, StaticKVCache):
+            mask = cache.mask(length)
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta,
                          scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta,
@@ -137,3 +139,10 @@ class Model(nn.Module):
     def make_cache(self, capacity: int | None = None) -> list[KVCache]:
         """A fresh KV cache with one entry per layer."""
         return make_cache(len(self.layers), capacity=capacity)
+
+    def make_static_cache(self, capacity: int, batch: int = 1) -> list[StaticKVCache]:
+        """A fixed-shape cache for compiled decoding (see `StaticKVCache`)."""
+        c = self.config
+        dtype = self.model.embed_tokens.weight.dtype
+        return make_static_cache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
+                                 capacity, dtype)
