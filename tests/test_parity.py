@@ -41,8 +41,7 @@ def test_greedy_generation_matches_transformers(which, request):
                           do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = out[0, len(PROMPT):].tolist()
     model = load(path, dtype="float32")
-    assert generate(model, PROMPT, 24, stop_tokens=(), compiled=False) == expected
-    assert generate(model, PROMPT, 24, stop_tokens=(), compiled=True) == expected
+    assert generate(model, PROMPT, 24, stop_tokens=()) == expected
     assert generate(model, PROMPT, 24, stop_tokens=(), use_cache=False) == expected
 
 
@@ -52,18 +51,20 @@ def test_cached_and_uncached_generation_are_identical(hf_untied):
             == generate(model, PROMPT, 40, stop_tokens=(), use_cache=False))
 
 
-def test_compiled_static_cache_matches_eager_logits(hf_untied):
-    """The compiled decoder's fixed-capacity cache and mask give the eager cache's logits."""
-    from qwen_lora.generate import Decoder
+def test_fused_projections_match_and_save_hf_names(hf_untied, tmp_path):
+    from qwen_lora import save
 
     model = load(hf_untied, dtype="float32")
-    eager, static = Decoder(model, 256, compiled=False), Decoder(model, 256, compiled=True)
-    prompt = mx.array([PROMPT])
-    np.testing.assert_allclose(np.array(static.prefill(prompt, 5)),
-                               np.array(eager.prefill(prompt, 5)), atol=1e-4)
-    for token in (3, 77, 250):
-        t = mx.array([[token]])
-        np.testing.assert_allclose(np.array(static.step(t)), np.array(eager.step(t)), atol=1e-4)
+    ids = mx.array([PROMPT])
+    expected = np.array(model(ids))
+    fused = load(hf_untied, dtype="float32", fuse_projections=True)
+    assert "qkv_proj" in fused.layers[0].self_attn and "gate_up_proj" in fused.layers[0].mlp
+    np.testing.assert_allclose(np.array(fused(ids)), expected, atol=1e-5)
+    assert generate(fused, PROMPT, 16, stop_tokens=()) == generate(model, PROMPT, 16,
+                                                                   stop_tokens=())
+    save(fused, tmp_path / "copy")
+    np.testing.assert_allclose(np.array(load(tmp_path / "copy", dtype="float32")(ids)),
+                               expected, atol=1e-5)
 
 
 def test_chunked_prefill_equals_one_pass(hf_tied):

@@ -45,55 +45,14 @@ def prefill(model: Model, prompt: mx.array, cache, chunk: int = 512) -> mx.array
     return model(prompt[:, start:], cache=cache, last_only=True)[:, -1, :]
 
 
-def static_capacity(tokens: int, block: int = 256) -> int:
-    """Cache capacity for `tokens` positions, rounded up to whole blocks."""
-    return max(block, (tokens + block - 1) // block * block)
-
-
-class Decoder:
-    """Prompt prefill and single-token steps for one sequence.
-
-    `compiled=True` uses a fixed-capacity cache and an `mx.compile`d step: one traced graph
-    replayed for every token, which removes per-token graph building and fuses element-wise
-    kernels (what matters on GPUs, where a 0.5B decode step is launch-bound).
-    """
-
-    def __init__(self, model: Model, capacity: int, compiled: bool) -> None:
-        self.model = model
-        self.compiled = compiled
-        if compiled:
-            self.cache = model.make_static_cache(capacity)
-            state = [c.state for c in self.cache]
-            self._step = mx.compile(self._forward_one, inputs=state, outputs=state)
-        else:
-            self.cache = model.make_cache()
-            self._step = self._forward_one
-
-    def _forward_one(self, token: mx.array) -> mx.array:
-        return self.model(token, cache=self.cache)[:, -1, :]
-
-    def prefill(self, prompt: mx.array, chunk: int) -> mx.array:
-        return prefill(self.model, prompt, self.cache, chunk)
-
-    def step(self, token: mx.array) -> mx.array:
-        """Logits (1, vocab) after feeding `token` of shape (1, 1)."""
-        return self._step(token)
-
-
-def _default_compiled() -> bool:
-    return mx.default_device() != mx.cpu
-
-
 def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
                     sampler: SamplerFn | None = None, use_cache: bool = True,
                     stop_tokens: Iterable[int] | None = None,
-                    prefill_chunk: int = 512, compiled: bool | None = None
-                    ) -> Iterator[GenerationStep]:
+                    prefill_chunk: int = 512) -> Iterator[GenerationStep]:
     """Yield generated tokens one at a time with timing and memory figures.
 
     `use_cache=False` recomputes the whole sequence for every token (what a KV cache saves).
     `stop_tokens` defaults to the model's EOS ids; pass `()` to always produce `max_tokens`.
-    `compiled` (default: on GPUs) decodes with a compiled step over a fixed-size cache.
     The next step is queued before the current token is read (`mx.async_eval`), so on GPUs
     graph building overlaps the device's work.
     """
@@ -113,15 +72,13 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     stops = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
     if max_tokens == 0:
         return
-    if compiled is None:
-        compiled = _default_compiled()
 
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt = mx.array(tokens, dtype=mx.int32)[None]
+    cache = model.make_cache() if use_cache else None
     if use_cache:
-        decoder = Decoder(model, static_capacity(n_prompt + max_tokens), compiled)
-        logits = decoder.prefill(prompt, prefill_chunk)
+        logits = prefill(model, prompt, cache, prefill_chunk)
     else:
         logits = model(prompt, last_only=True)[:, -1, :]
     y = sampler(logits)
@@ -131,7 +88,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     while True:
         last = generated + 1 >= max_tokens
         if use_cache and not last:
-            next_y = sampler(decoder.step(y.reshape(1, 1)))
+            next_y = sampler(model(y.reshape(1, 1), cache=cache)[:, -1, :])
             mx.async_eval(next_y)
         token = int(y.item())
         now = time.perf_counter()
@@ -159,9 +116,8 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
 
 def generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
              sampler: SamplerFn | None = None, use_cache: bool = True,
-             stop_tokens: Iterable[int] | None = None, compiled: bool | None = None
-             ) -> list[int]:
+             stop_tokens: Iterable[int] | None = None) -> list[int]:
     """The generated token ids (greedy when no sampler), stopping at EOS or `max_tokens`."""
     return [step.token for step in stream_generate(
         model, prompt_ids, max_tokens, sampler=sampler, use_cache=use_cache,
-        stop_tokens=stop_tokens, compiled=compiled)]
+        stop_tokens=stop_tokens)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen_lora.cache import KVCache, StaticKVCache, make_cache, make_static_cache
+from qwen_lora.cache import KVCache, make_cache
 from qwen_lora.config import ModelConfig
 
 Mask = mx.array | str | None
@@ -29,12 +29,16 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Mask = None, cache: KVCache | None = None) -> mx.array:
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:
+            q_size = self.n_heads * self.head_dim
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        if isinstance(cache, StaticKVCache):
-            mask = cache.mask(length)
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta,
                          scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta,
@@ -43,6 +47,12 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+    def fuse(self) -> None:
+        """Replace q/k/v by one `qkv_proj`: one matmul instead of three per token."""
+        if "qkv_proj" not in self:
+            parts = [self.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+            self.qkv_proj = _concat_linears(parts)
 
 
 class MLP(nn.Module):
@@ -55,7 +65,47 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
+
+    def fuse(self) -> None:
+        """Replace gate/up by one `gate_up_proj`."""
+        if "gate_up_proj" not in self:
+            self.gate_up_proj = _concat_linears([self.pop("gate_proj"), self.pop("up_proj")])
+
+
+def _concat_linears(parts: list[nn.Module]) -> nn.Linear:
+    if not all(type(p) is nn.Linear for p in parts):
+        raise ValueError("cannot fuse projections that carry LoRA adapters: fuse_lora first")
+    weight = mx.concatenate([p.weight for p in parts], axis=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in parts[0])
+    fused.weight = weight
+    if "bias" in parts[0]:
+        fused.bias = mx.concatenate([p.bias for p in parts], axis=0)
+    return fused
+
+
+def unfused_weights(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Map fused `qkv_proj` / `gate_up_proj` tensors back to Hugging Face's names."""
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    splits = {"self_attn.qkv_proj": (["q_proj", "k_proj", "v_proj"], [q_size, q_size + kv_size]),
+              "mlp.gate_up_proj": (["gate_proj", "up_proj"], 2)}
+    out = {}
+    for name, array in weights.items():
+        for fused, (names, points) in splits.items():
+            if f".{fused}." in name:
+                prefix, leaf = name.split(f".{fused}.")
+                parent = fused.split(".")[0]
+                for part, piece in zip(names, mx.split(array, points, axis=0), strict=True):
+                    out[f"{prefix}.{parent}.{part}.{leaf}"] = piece
+                break
+        else:
+            out[name] = array
+    return out
 
 
 class DecoderLayer(nn.Module):
@@ -140,9 +190,13 @@ class Model(nn.Module):
         """A fresh KV cache with one entry per layer."""
         return make_cache(len(self.layers), capacity=capacity)
 
-    def make_static_cache(self, capacity: int, batch: int = 1) -> list[StaticKVCache]:
-        """A fixed-shape cache for compiled decoding (see `StaticKVCache`)."""
-        c = self.config
-        dtype = self.model.embed_tokens.weight.dtype
-        return make_static_cache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
-                                 capacity, dtype)
+    def fuse_projections(self) -> Model:
+        """Fuse q/k/v and gate/up into single matmuls, for inference (fewer, larger GEMVs).
+
+        LoRA and training need the Hugging Face layout, so this is opt-in
+        (`qwen_lora.load(..., fuse_projections=True)`); `save` writes HF names either way.
+        """
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from qwen_lora import backend
 from qwen_lora.config import ModelConfig, preset
 from qwen_lora.errors import ModelLoadError
-from qwen_lora.model import Model
+from qwen_lora.model import Model, unfused_weights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -161,11 +161,13 @@ def build_model(config: ModelConfig, weights: dict[str, tuple[mx.array, Path]],
 
 
 def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None,
-         adapter_path: str | os.PathLike | None = None) -> Model:
+         adapter_path: str | os.PathLike | None = None, fuse_projections: bool = False) -> Model:
     """Load a Qwen2 model from a local Hugging Face directory or a Hub repo id.
 
     `dtype` defaults to the device's (float32 on CPU, float16 on GPU). With `adapter_path`, the
-    LoRA adapter saved there is applied on top of the base weights.
+    LoRA adapter saved there is applied on top of the base weights. `fuse_projections` prepares
+    the model for inference only: adapters are merged and q/k/v and gate/up become single
+    matmuls (see `Model.fuse_projections`).
     """
     model_dir = resolve_model_path(path_or_repo)
     config = ModelConfig.from_dir(model_dir)
@@ -177,6 +179,12 @@ def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None,
         from qwen_lora.lora import load_adapter
 
         load_adapter(model, adapter_path)
+        if fuse_projections:
+            from qwen_lora.lora import fuse_lora
+
+            fuse_lora(model)
+    if fuse_projections:
+        model.fuse_projections()
     return model
 
 
@@ -238,7 +246,7 @@ def save(model: Model, path: str | os.PathLike, dtype: str | mx.Dtype | None = N
     """Write `model` as a Hugging Face directory that `transformers` and `qwen_lora.load` read."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = unfused_weights(dict(tree_flatten(model.parameters())), model.config)
     if dtype is not None:
         weights = {k: v.astype(parse_dtype(dtype)) for k, v in weights.items()}
     save_weights(directory, weights, max_shard_bytes)
