@@ -11,3 +11,8 @@ class AdapterError(ValueError):
 
 class DataError(ValueError):
     """A malformed dataset record; the message names the file and line."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a NaN or infinite loss); the message names the step and the last
+    good checkpoint, which is kept as it was."""

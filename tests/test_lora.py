@@ -1,0 +1,271 @@
+"""LoRA layers: parameter count, fusing, adapter files, gradients and mlx-lm interop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from qwen_lora import AdapterError, Model, apply_lora, load, preset
+from qwen_lora.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    LoRALinear,
+    adapter_weights,
+    fuse_lora,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+    trainable_parameters,
+)
+from qwen_lora.train_step import loss_fn, make_grad_fn
+from qwen_lora.weights import init_model_dir
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give B (zero when fresh) random values so that adapters change the output."""
+    rng = np.random.default_rng(seed)
+    model.update(nn.utils.tree_unflatten([
+        (k, mx.array(rng.normal(0, std, v.shape).astype(np.float32)))
+        for k, v in adapter_weights(model).items() if k.endswith("lora_b")]))
+
+
+def tokens(seed: int = 0, shape=(2, 12), vocab: int = 512) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, vocab, shape), dtype=mx.int32)
+
+
+def test_trainable_parameters_of_the_seed_setup():
+    model = Model(preset("qwen2.5-0.5b"))  # lazy: nothing is computed or allocated
+    apply_lora(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
+    assert trainable_parameters(model) == 540_672
+    assert model.layers[0].self_attn.q_proj.scale == 2.0
+
+
+def test_apply_lora_targets_layers_and_errors(tiny_dir):
+    model = load(tiny_dir)
+    x = tokens()
+    before = model(x)
+    apply_lora(model, rank=4, alpha=8.0, targets="o_proj,gate_proj", layers=[1])
+    assert isinstance(model.layers[1].self_attn.o_proj, LoRALinear)
+    assert isinstance(model.layers[1].mlp.gate_proj, LoRALinear)
+    assert not isinstance(model.layers[0].self_attn.o_proj, LoRALinear)
+    # A fresh adapter (B = 0) changes nothing; only A and B train, in float32.
+    assert mx.allclose(model(x), before, atol=1e-6)
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert len(names) == 4 and all(k.endswith(("lora_a", "lora_b")) for k in names)
+    assert all(v.dtype == mx.float32 for v in adapter_weights(model).values())
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        apply_lora(model, targets=["o_proj"], layers=[1])
+    fresh = load(tiny_dir)
+    with pytest.raises(ValueError, match="unknown LoRA target 'x_proj'"):
+        apply_lora(fresh, targets=["q_proj", "x_proj"])
+    with pytest.raises(ValueError, match="layer 5 does not exist"):
+        apply_lora(fresh, layers=[5])
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        apply_lora(fresh, rank=0)
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        apply_lora(fresh, alpha=-1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        apply_lora(fresh, dropout=1.0)
+
+
+def test_fused_model_equals_base_plus_adapter(tiny_dir):
+    model = load(tiny_dir)
+    apply_lora(model, rank=4, alpha=8.0, targets=ALL)
+    randomize_adapters(model)
+    x = tokens(1)
+    adapted = model(x)
+    assert not mx.allclose(adapted, load(tiny_dir)(x), atol=1e-3)
+    fuse_lora(model)
+    assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+    assert not hasattr(model, "lora_config")
+    assert mx.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_adapter_round_trip(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    apply_lora(model, rank=4, alpha=12.0, targets=["q_proj", "down_proj"], layers=[0])
+    randomize_adapters(model)
+    x = tokens(2)
+    expected = model(x)
+    save_adapter(model, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [ADAPTER_CONFIG, ADAPTER_FILE]
+    cfg = read_adapter_config(tmp_path / "a")
+    assert (cfg["rank"], cfg["alpha"], cfg["targets"], cfg["layers"]) == \
+        (4, 12.0, ["q_proj", "down_proj"], [0])
+    loaded = load(tiny_dir, adapter_path=tmp_path / "a")
+    assert not loaded.training  # no dropout when generating
+    assert mx.allclose(loaded(x), expected, atol=1e-6)
+    save_adapter(model, tmp_path / "a")  # overwriting leaves no temporary files behind
+    assert len(list((tmp_path / "a").iterdir())) == 2
+
+
+def _saved_adapter(tiny_dir: Path, path: Path) -> Path:
+    model = load(tiny_dir)
+    apply_lora(model, rank=4, targets=["q_proj", "v_proj"])
+    return save_adapter(model, path)
+
+
+def test_bad_adapters_leave_the_model_untouched(tiny_dir, tmp_path):
+    good = _saved_adapter(tiny_dir, tmp_path / "good")
+    weights = mx.load(str(good / ADAPTER_FILE))
+    config = json.loads((good / ADAPTER_CONFIG).read_text())
+    name = "model.layers.1.self_attn.v_proj.lora_b"
+
+    def variant(label: str, tensors: dict | None = None, cfg: dict | None = None,
+                raw_config: str | None = None) -> Path:
+        d = tmp_path / label
+        d.mkdir()
+        mx.save_safetensors(str(d / ADAPTER_FILE), weights if tensors is None else tensors)
+        (d / ADAPTER_CONFIG).write_text(raw_config or json.dumps(cfg or config))
+        return d
+
+    cases = [
+        (variant("missing", {k: v for k, v in weights.items() if k != name}),
+         f"missing tensor '{name}'"),
+        (variant("misshaped", {**weights, name: mx.zeros((4, 7))}),
+         f"tensor '{name}' has shape \\(4, 7\\), expected \\(4, 32\\)"),
+        (variant("extra", {**weights, "model.layers.0.mlp.up_proj.lora_a": mx.zeros((64, 4))}),
+         "is not an adapter of this model"),
+        (variant("dora", cfg={**config, "fine_tune_type": "dora"}), "is not 'lora'"),
+        (variant("badjson", raw_config="{not json"), "invalid JSON"),
+        (variant("target", cfg={**config, "targets": ["x_proj"]}), "unknown LoRA target"),
+        (variant("rank", cfg={**config, "rank": 8}), "has shape"),
+        (tmp_path / "nowhere", "no such adapter directory"),
+    ]
+    (tmp_path / "noconfig").mkdir()
+    cases.append((tmp_path / "noconfig", "no adapter_config.json"))
+    truncated = variant("truncated")
+    data = (truncated / ADAPTER_FILE).read_bytes()
+    (truncated / ADAPTER_FILE).write_bytes(data[:-10])
+    cases.append((truncated, "truncated"))
+    for path, message in cases:
+        model = load(tiny_dir)
+        with pytest.raises(AdapterError, match=message):
+            load_adapter(model, path)
+        assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules()), path
+
+
+def test_adapter_for_another_model(tiny_dir, tmp_path):
+    adapter = _saved_adapter(tiny_dir, tmp_path / "a")
+    other = load(init_model_dir(tmp_path / "other", "tiny", dtype="float32", hidden_size=32))
+    with pytest.raises(AdapterError, match="trained on a model with hidden_size 64, this model "
+                                           "has 32"):
+        load_adapter(other, adapter)
+    # Without our `base_model` record (an mlx-lm adapter), the shape check still catches it.
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    del config["base_model"]
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="has shape .* another model"):
+        load_adapter(other, adapter)
+
+
+def test_lora_gradients_match_finite_differences(tiny_dir):
+    model = load(tiny_dir)
+    apply_lora(model, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
+    randomize_adapters(model, std=0.5)
+    x = tokens(3, (2, 17))
+    inputs, targets, mask = x[:, :-1], x[:, 1:], mx.ones((2, 16))
+    _, grads = make_grad_fn(model)(model, inputs, targets, mask)
+    grads = dict(tree_flatten(grads))
+    eps = 1e-2
+    checked = 0
+    for name in ("model.layers.0.self_attn.q_proj.lora_a", "model.layers.1.self_attn.v_proj.lora_b",
+                 "model.layers.1.mlp.down_proj.lora_a"):
+        grad = np.array(grads[name])
+        param = np.array(adapter_weights(model)[name])
+        for index in np.argsort(-np.abs(grad).ravel())[:3]:
+            where = np.unravel_index(index, grad.shape)
+            values = []
+            for sign in (1, -1):
+                moved = param.copy()
+                moved[where] += sign * eps
+                model.update(nn.utils.tree_unflatten([(name, mx.array(moved))]))
+                values.append(loss_fn(model, inputs, targets, mask)[0].item())
+            model.update(nn.utils.tree_unflatten([(name, mx.array(param))]))
+            numeric = (values[0] - values[1]) / (2 * eps)
+            assert numeric == pytest.approx(grad[where], rel=3e-2, abs=1e-4), (name, where)
+            checked += 1
+    assert checked == 9
+
+
+# mlx-lm interop ---------------------------------------------------------------------------------
+
+mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+from mlx_lm.lora import CONFIG_DEFAULTS  # noqa: E402
+from mlx_lm.tuner.trainer import default_loss  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
+
+
+def mlx_lm_model(model_dir: Path) -> nn.Module:
+    model, _ = mlx_lm_utils.load_model(Path(model_dir))
+    model.freeze()
+    return model
+
+
+def test_gradients_match_mlx_lm(tiny_dir):
+    ours = load(tiny_dir)
+    apply_lora(ours, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
+    randomize_adapters(ours, std=0.5)
+    theirs = mlx_lm_model(tiny_dir)
+    linear_to_lora_layers(theirs, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": [
+        "self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]})
+    theirs.load_weights(list(adapter_weights(ours).items()), strict=False)
+    batch = tokens(4, (2, 17))
+    lengths = mx.array([[0, 16], [0, 16]])  # mlx-lm: train on every target token
+    (their_loss, their_n), their_grads = nn.value_and_grad(theirs, default_loss)(
+        theirs, batch, lengths)
+    (our_loss, our_n), our_grads = make_grad_fn(ours)(
+        ours, batch[:, :-1], batch[:, 1:], mx.ones((2, 16)))
+    assert int(our_n) == int(their_n) == 32
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
+    theirs_flat = dict(tree_flatten(their_grads))
+    ours_flat = dict(tree_flatten(our_grads))
+    assert set(ours_flat) == set(theirs_flat) and len(ours_flat) == 12
+    for name, grad in ours_flat.items():
+        assert mx.allclose(grad, theirs_flat[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("layers", [None, [0]])
+def test_our_adapter_loads_in_mlx_lm(tiny_dir, tmp_path, layers):
+    ours = load(tiny_dir)
+    apply_lora(ours, rank=4, alpha=6.0, targets=["q_proj", "k_proj", "up_proj"], layers=layers)
+    randomize_adapters(ours, seed=5)
+    save_adapter(ours, tmp_path / "a")
+    theirs = load_adapters(mlx_lm_model(tiny_dir), str(tmp_path / "a"))
+    x = tokens(5)
+    assert mx.allclose(theirs(x), ours(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("keys, num_layers", [
+    (["self_attn.k_proj", "mlp.up_proj"], 1),
+    (None, 16),  # mlx-lm's defaults: every linear layer, more layers than the model has
+])
+def test_mlx_lm_adapter_loads_in_ours(tiny_dir, tmp_path, keys, num_layers):
+    theirs = mlx_lm_model(tiny_dir)
+    params = {"rank": 4, "scale": 10.0, "dropout": 0.0, **({"keys": keys} if keys else {})}
+    linear_to_lora_layers(theirs, num_layers, params)
+    rng = np.random.default_rng(6)
+    theirs.update(nn.utils.tree_unflatten([
+        (k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+        for k, v in tree_flatten(theirs.trainable_parameters()) if k.endswith("lora_b")]))
+    out = tmp_path / "mlx_lm_adapter"
+    out.mkdir()
+    mx.save_safetensors(str(out / ADAPTER_FILE), dict(tree_flatten(theirs.trainable_parameters())))
+    config = {**CONFIG_DEFAULTS, "model": str(tiny_dir), "num_layers": num_layers,
+              "lora_parameters": params, "adapter_path": str(out)}
+    mlx_lm_utils.save_config(config, out / ADAPTER_CONFIG)
+    ours = load(tiny_dir, adapter_path=out)
+    cfg = ours.lora_config
+    assert cfg["rank"] == 4 and cfg["alpha"] == 40.0
+    assert cfg["targets"] == (["k_proj", "up_proj"] if keys else list(ALL))
+    assert cfg["layers"] == ([1] if num_layers == 1 else [0, 1])
+    x = tokens(7)
+    assert mx.allclose(ours(x), theirs(x), atol=1e-4)
