@@ -52,5 +52,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     return init_model_dir(tmp_path_factory.mktemp("tiny"), "tiny", seed=0, dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def learnable_dir(tmp_path_factory) -> Path:
+    """A tiny model whose weights (std 0.2, not 0.02) give logits large enough to overfit:
+    with std 0.02 tied embeddings cap the logits near 1.3, so the loss cannot fall far."""
+    return init_model_dir(tmp_path_factory.mktemp("learnable"), "tiny", seed=0, dtype="float32",
+                          initializer_range=0.2)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
