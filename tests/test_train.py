@@ -193,6 +193,8 @@ def test_progress_printer_writes_one_line_per_interval(capsys):
     assert len(lines) == 3 and lines[0].startswith("step 2/5 [########------------]  40%")
     assert "loss 3.5000" in lines[0] and "0.500 s/step" in lines[0] and "200 tok/s" in lines[0]
     assert "peak 1.00 GiB" in lines[0] and lines[-1].startswith("step 5/5")
+    printer(StepReport(1, 1, 1.0, 1, 0.1, 10.0, 3 * 2**20, 1e-4))
+    assert "peak 3.0 MiB" in capsys.readouterr().err
 
 
 def test_examples_longer_than_seq_len_still_train(learnable_dir, tmp_path):
@@ -200,3 +202,20 @@ def test_examples_longer_than_seq_len_still_train(learnable_dir, tmp_path):
     long = [Example(tuple(range(1, 200)), prompt_len=0)] * 2
     result = train(model, long, TrainConfig(iters=2, batch_size=2, seq_len=32), tmp_path / "o")
     assert [s.tokens for s in result.steps] == [64, 64]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_base_trains_float32_adapters(learnable_dir, examples, tmp_path, dtype):
+    # GPUs default to float16 weights: the adapters and AdamW stay float32 (small updates would
+    # vanish in half precision) while the model's outputs keep the base dtype.
+    model = load(learnable_dir, dtype=dtype)
+    mx.random.seed(0)
+    apply_lora(model, targets=("q_proj", "v_proj", "down_proj"))
+    result = train(model, examples, TrainConfig(iters=12, batch_size=4, seq_len=64,
+                                                learning_rate=1e-2), tmp_path / "out")
+    assert result.steps[-1].loss < 0.7 * result.steps[0].loss
+    assert {v.dtype for v in adapter_weights(model).values()} == {mx.float32}
+    x = make_batch(examples, 64)[0]
+    assert model(x).dtype == getattr(mx, dtype)
+    reloaded = load(learnable_dir, dtype=dtype, adapter_path=tmp_path / "out")
+    assert mx.allclose(reloaded(x), model(x), atol=1e-2)

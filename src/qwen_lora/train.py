@@ -341,6 +341,11 @@ def train(model: nn.Module, train_set: Sequence[Example], config: TrainConfig,
 
 # Progress -------------------------------------------------------------------------------------
 
+def format_bytes(n: int) -> str:
+    """'1.25 GiB', or MiB below one GiB (tiny models would read '0.00 GiB')."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -370,7 +375,7 @@ class ProgressPrinter:
               f"[{'#' * done}{'-' * (self.width - done)}] {100 * r.step // r.iters:3d}% | "
               f"loss {sum(self._losses) / n:.4f} | {per_step:.3f} s/step | "
               f"{self._tokens / self._time if self._time else 0:.0f} tok/s | "
-              f"peak {r.peak_memory / 2**30:.2f} GiB | "
+              f"peak {format_bytes(r.peak_memory)} | "
               f"eta {_duration(per_step * (r.iters - r.step))}",
               file=self.stream, flush=True)
         self._losses, self._tokens, self._time = [], 0, 0.0
