@@ -69,12 +69,19 @@ class MLP(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(_swiglu(gate, up))
 
     def fuse(self) -> None:
         """Replace gate/up by one `gate_up_proj`."""
         if "gate_up_proj" not in self:
             self.gate_up_proj = _concat_linears([self.pop("gate_proj"), self.pop("up_proj")])
+
+
+@mx.checkpoint
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    # Checkpointed: backward recomputes silu from gate/up instead of storing two more
+    # (length x intermediate) arrays per layer, ~0.5 GB at Qwen2.5-0.5B, sequence 512.
+    return nn.silu(gate) * up
 
 
 def _concat_linears(parts: list[nn.Module]) -> nn.Linear:

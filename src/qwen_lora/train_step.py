@@ -15,13 +15,29 @@ import mlx.optimizers as optim
 Batch = tuple[mx.array, mx.array, mx.array]  # inputs, targets (batch, length) and loss mask
 
 
+LOSS_CHUNK = 128  # positions per slice of output-head logits (128 x 151,936 floats = 78 MB)
+
+
 def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array,
             mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the positions where `mask` is 1; also returns their count."""
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
+    """Mean cross-entropy over the positions where `mask` is 1; also returns their count.
+
+    The output head and the loss run over slices of `LOSS_CHUNK` positions under
+    `mx.checkpoint`: the full (length x vocabulary) logits, their softmax and gradient are
+    never alive at once, and the backward pass recomputes one slice at a time.
+    """
+    hidden = model.model.norm(model.model(inputs))
+    total = mx.array(0.0, dtype=mx.float32)
+    for start in range(0, inputs.shape[1], LOSS_CHUNK):
+        end = start + LOSS_CHUNK
+
+        def head_loss(h, t=targets[:, start:end], m=mask[:, start:end]):
+            logits = model.head(h).astype(mx.float32)
+            return (nn.losses.cross_entropy(logits, t) * m).sum()
+
+        total = total + mx.checkpoint(head_loss)(hidden[:, start:end])
     ntoks = mask.sum()
-    return losses.sum() / mx.maximum(ntoks, 1), ntoks
+    return total / mx.maximum(ntoks, 1), ntoks
 
 
 def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 0.01) -> optim.AdamW:
