@@ -102,3 +102,30 @@ def test_batch_rows_are_sampled_independently():
 def test_invalid_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_sampler(**kwargs)
+
+
+def test_prefix_search_matches_cumsum_across_blocks():
+    from qwen_lora.sampling import _Prefix
+
+    values = np.random.default_rng(7).random(5 * _Prefix.BLOCK + 37).astype(np.float32)
+    prefix = _Prefix(values)
+    cumulative = np.cumsum(values, dtype=np.float64)
+    for target in (0.0, 0.3, cumulative[511], cumulative[512] + 1e-9, cumulative[-1] * 0.77,
+                   cumulative[-1] + 1.0):
+        assert prefix.count_at_most(target) == np.searchsorted(cumulative, target, "right")
+    for count in (0, 1, 512, 513, len(values)):
+        assert np.isclose(prefix.sum_first(count), cumulative[count - 1] if count else 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_nucleus_over_a_large_vocabulary(backend):
+    """Against a brute-force nucleus (argsort + cumsum) spanning many prefix blocks."""
+    x = np.random.default_rng(8).normal(size=20_000).astype(np.float32)
+    probs = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    order = np.argsort(-probs)
+    n = int(np.searchsorted(np.cumsum(probs[order]), 0.6)) + 1
+    nucleus = set(order[:n].tolist())
+    assert n > 2000
+    seen = draws(Sampler(temperature=1.0, top_p=0.6, backend=backend, seed=2), mx.array(x[None]),
+                 300)
+    assert set(seen) <= nucleus

@@ -63,29 +63,29 @@ class Sampler:
         return np.array([self._sample_row(row) for row in logits], dtype=np.int32)
 
     def _sample_row(self, row: np.ndarray) -> int:
-        x = row * np.float32(1.0 / self.temperature)
-        vocab = x.shape[0]
+        vocab = row.shape[0]
+        x = np.subtract(row, row.max())
+        x *= np.float32(1.0 / self.temperature)
         if 0 < self.top_k < vocab:
             keep = np.argpartition(x, vocab - self.top_k)[vocab - self.top_k:]
             masked = np.full_like(x, -np.inf)
             masked[keep] = x[keep]
             x = masked
-        probs = np.exp(x - x.max())
-        if self.top_p < 1.0:
-            ordered = np.sort(probs)[::-1]
-            cumulative = np.cumsum(ordered)
-            n = int(np.searchsorted(cumulative, self.top_p * cumulative[-1])) + 1
-            n = min(n, vocab)
-            # Draw a position in the sorted nucleus, then find a token of that probability
-            # (ties are exchangeable): no argsort of the whole vocabulary is needed.
-            pick = int(np.searchsorted(cumulative[:n], self._rng.random() * cumulative[n - 1],
-                                       side="right"))
-            value = ordered[min(pick, n - 1)]
-            candidates = np.flatnonzero(probs == value)
-            return int(candidates[0] if len(candidates) == 1 else self._rng.choice(candidates))
-        cumulative = np.cumsum(probs)
-        pick = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
-        return min(pick, vocab - 1)
+        probs = np.exp(x, out=x)
+        if self.top_p >= 1.0:
+            prefix = _Prefix(probs)
+            return min(prefix.count_at_most(self._rng.random() * prefix.total), vocab - 1)
+        ascending = np.sort(probs)
+        prefix = _Prefix(ascending)
+        # The nucleus is the smallest top set with mass >= top_p, so the excluded tail is the
+        # longest run of least likely tokens whose mass stays <= (1 - top_p).
+        tail = min(prefix.count_at_most((1.0 - self.top_p) * prefix.total), vocab - 1)
+        below = prefix.sum_first(tail)
+        pick = prefix.count_at_most(below + self._rng.random() * (prefix.total - below))
+        value = ascending[min(max(pick, tail), vocab - 1)]
+        # Find a token of the drawn probability (ties are exchangeable): no argsort needed.
+        candidates = np.flatnonzero(probs == value)
+        return int(candidates[0] if len(candidates) == 1 else self._rng.choice(candidates))
 
     # mlx --------------------------------------------------------------------------------
     def sample_mlx(self, logits: mx.array) -> mx.array:
@@ -107,6 +107,40 @@ class Sampler:
             x = mx.where(probs >= threshold, x, -mx.inf)
         self._key, key = mx.random.split(self._key)
         return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+
+
+class _Prefix:
+    """Prefix sums of a float vector, searched in blocks: a full float32 `np.cumsum` over
+    151,936 values costs ~0.4 ms, block sums plus one block's cumsum ~0.04 ms."""
+
+    BLOCK = 512
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        n, b = len(values), self.BLOCK
+        whole = n // b * b
+        sums = values[:whole].reshape(-1, b).sum(axis=1, dtype=np.float64)
+        if whole < n:
+            sums = np.append(sums, values[whole:].sum(dtype=np.float64))
+        self.block_ends = np.cumsum(sums)
+        self.total = float(self.block_ends[-1])
+
+    def count_at_most(self, target: float) -> int:
+        """How many leading prefix sums are <= target (the index of the first one above)."""
+        block = int(np.searchsorted(self.block_ends, target, side="right"))
+        if block == len(self.block_ends):
+            return len(self.values)
+        base = self.block_ends[block - 1] if block else 0.0
+        start = block * self.BLOCK
+        inner = np.cumsum(self.values[start:start + self.BLOCK], dtype=np.float64) + base
+        return start + int(np.searchsorted(inner, target, side="right"))
+
+    def sum_first(self, count: int) -> float:
+        """Sum of the first `count` values."""
+        block, rest = divmod(count, self.BLOCK)
+        base = self.block_ends[block - 1] if block else 0.0
+        start = block * self.BLOCK
+        return float(base + self.values[start:start + rest].sum(dtype=np.float64))
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
