@@ -113,7 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from qwen_lora.weights import load
 
     sampler = Sampler(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
+    model = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path,
+                 fuse_projections=True)
     tokenizer = None
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
