@@ -155,6 +155,8 @@ class Browser:
         result = self.call("Page.navigate", {"url": url})
         if result.get("errorText"):
             raise BrowserError(f"navigating to {url}: {result['errorText']}")
+        if "loaderId" not in result:
+            return  # same-document navigation (only the #fragment changed): no load event
         deadline = time.monotonic() + (timeout or self.timeout)
         while not any(e.get("method") == "Page.loadEventFired" for e in self._events):
             self._events.append(self._read_message(deadline))
