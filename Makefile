@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -26,3 +26,65 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+
+# =============================================================================================
+# Benchmarks: the asv suite in benchmarks/ (README "Benchmarks", docs/BENCHMARKS.md). asv.conf.json
+# has two workloads, `default` (the benchmark plan's sizes) and `small` (long histories, pull
+# requests, tests); each target picks one workload's environment with -E. One benchmark run at
+# a time per machine: they measure wall-clock time.
+# =============================================================================================
+ASV := $(BIN)/asv
+ASV_MACHINE ?= $(shell hostname)
+BASE ?= main
+HEAD ?= HEAD
+RANGE ?= ALL
+COMPARE_WORKLOAD ?= small
+FACTOR ?= 1.1
+PORT ?= 8080
+# asv's name of a workload's environment, computed by asv from asv.conf.json, and the asv
+# options that select it on this machine.
+asv_env = $(shell $(BIN)/python -m qwen_lora.report --environment-name $(1))
+asv_for = --machine "$(ASV_MACHINE)" -E "$(call asv_env,$(1))"
+ASV_DEFAULT = $(call asv_for,default)
+ASV_SMALL = $(call asv_for,small)
+
+.PHONY: asv-machine bench bench-small bench-compare backfill publish preview report
+
+# Register this machine with asv without questions (~/.asv-machine.json).
+asv-machine: $(STAMP)
+	$(ASV) machine --machine "$(ASV_MACHINE)" --yes
+
+# The default workload on HEAD, then html/ and docs/BENCHMARKS.md (published even when a
+# benchmark failed; the exit status is asv's).
+bench: asv-machine
+	$(ASV) run $(ASV_DEFAULT) --show-stderr HEAD^!; status=$$?; \
+	$(MAKE) --no-print-directory publish report && exit $$status
+
+# The small workload on HEAD, then html/.
+bench-small: asv-machine
+	$(ASV) run $(ASV_SMALL) --show-stderr HEAD^!; status=$$?; \
+	$(MAKE) --no-print-directory publish && exit $$status
+
+# asv continuous: BASE against HEAD (COMPARE_WORKLOAD, small by default); exits 1 when a
+# benchmark got slower (or bigger) by more than FACTOR with statistical significance, 2 when
+# a benchmark failed.
+bench-compare: asv-machine
+	$(ASV) continuous $(call asv_for,$(COMPARE_WORKLOAD)) --factor $(FACTOR) --show-stderr \
+	  "$(BASE)" "$(HEAD)"
+
+# The small workload over RANGE (an asv range: A..B, ALL, HASHFILE:path), skipping commits
+# already measured on this machine.
+backfill: asv-machine
+	$(ASV) run $(ASV_SMALL) --skip-existing "$(RANGE)"
+
+publish: $(STAMP)
+	$(ASV) publish
+
+# asv preview listens on every interface; this serves html/ on the loopback only.
+preview:
+	@test -f html/index.html || { echo "html/ is empty: run make publish first" >&2; exit 1; }
+	$(PYTHON) -m http.server $(PORT) --bind 127.0.0.1 --directory html
+
+# docs/BENCHMARKS.md from the default workload's results of HEAD on this machine.
+report: $(STAMP)
+	$(BIN)/qwen-lora report --machine "$(ASV_MACHINE)" --workload default

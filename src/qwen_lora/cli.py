@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the fused weights (default: the base model's)")
     p.set_defaults(func=cmd_fuse)
+
+    from qwen_lora.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

@@ -1,0 +1,260 @@
+"""Inference: token generation, the KV cache against recomputation, and sampling overhead.
+
+Generation runs each library's own streaming loop: `qwen_lora.stream_generate`, mlx-lm's
+`generate_step` and transformers' `generate` (float32, with a streamer for per-token times),
+with temperature 0.7 and top-p 0.9, never stopping early (random weights, no EOS).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .common import (
+    ALL_IMPLEMENTATIONS,
+    MLX_IMPLEMENTATIONS,
+    MLX_LM,
+    QWEN_LORA,
+    TORCH,
+    ModelBenchmark,
+    ReportedTimer,
+    W,
+    cached_model,
+    mx,
+    require,
+    settle,
+    token_ids,
+)
+
+
+class _TimestampStreamer:
+    """A transformers streamer that notes when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:  # the first call passes the prompt
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def token_times(impl: str, model: Any, prompt: list[int], max_tokens: int,
+                sample: bool = True) -> Iterator[float]:
+    """Generate `max_tokens` tokens after `prompt` with the library's own loop, yielding the
+    moment each token is available; sampling at the workload's temperature and top-p, or
+    greedy."""
+    temperature = W.temperature if sample else 0.0
+    top_p = W.top_p if sample else 1.0
+    if impl == QWEN_LORA:
+        ql = require("qwen_lora", "stream_generate", "Sampler")
+        sampler = ql.Sampler(temperature=temperature, top_p=top_p, seed=0)
+        for _ in ql.stream_generate(model, prompt, max_tokens, sampler=sampler, stop_tokens=()):
+            yield time.perf_counter()
+    elif impl == MLX_LM:
+        generate = require("mlx_lm.generate", "generate_step")
+        sampler = require("mlx_lm.sample_utils", "make_sampler").make_sampler(
+            temp=temperature, top_p=top_p if sample else 0.0)
+        for _ in generate.generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                        sampler=sampler):
+            yield time.perf_counter()
+    else:
+        torch = require("torch")
+        streamer = _TimestampStreamer()
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) \
+            if sample else dict(do_sample=False)
+        with torch.inference_mode():
+            model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens,
+                           min_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0,
+                           streamer=streamer, **options)
+        yield from streamer.times
+
+
+@functools.cache
+def _generation_model(impl: str, model_dir: str) -> Any:
+    model = cached_model(impl, model_dir)
+    for _ in token_times(impl, model, token_ids(8, W.vocab, seed=3), 2):  # first-call costs
+        pass
+    return model
+
+
+DECODE_CLOCK = ReportedTimer()
+
+
+class Generation(ModelBenchmark):
+    """A prompt of 128 tokens, then 100 new ones at temperature 0.7, top-p 0.9."""
+
+    params = [ALL_IMPLEMENTATIONS]
+    param_names = ["implementation"]
+    number = 1
+    rounds = 1
+    warmup_time = 0
+    repeat = W.slow_repeat
+
+    def setup(self, model_dir: str, impl: str) -> None:
+        self.model = _generation_model(impl, model_dir)
+        self.prompt = token_ids(W.prompt, W.vocab, seed=2)
+
+    def teardown(self, model_dir: str, impl: str) -> None:
+        settle()
+
+    def time_first_token(self, model_dir: str, impl: str) -> None:
+        """Seconds from the call to the first new token: prefill and one sample."""
+        for _ in token_times(impl, self.model, self.prompt, 1):
+            pass
+
+    time_first_token.repeat = W.fast_repeat
+
+    def time_per_token(self, model_dir: str, impl: str) -> None:
+        """Seconds per token of the decoding phase, after the first token."""
+        times = list(token_times(impl, self.model, self.prompt, W.new_tokens))
+        DECODE_CLOCK.report((times[-1] - times[0]) / (len(times) - 1))
+
+    time_per_token.timer = DECODE_CLOCK
+
+    def time_total(self, model_dir: str, impl: str) -> None:
+        """Seconds for the whole generation, prompt to last token."""
+        for _ in token_times(impl, self.model, self.prompt, W.new_tokens):
+            pass
+
+    # The time budget: PyTorch decodes slowest; its first token and per-token times suffice.
+    time_total.skip_params = [(TORCH,)]
+
+
+def _recompute_times(impl: str, model: Any, prompt: list[int], max_tokens: int
+                     ) -> Iterator[float]:
+    """Greedy generation without a cache: every token runs the whole sequence again."""
+    if impl == QWEN_LORA:
+        ql = require("qwen_lora", "stream_generate")
+        for _ in ql.stream_generate(model, prompt, max_tokens, use_cache=False, stop_tokens=()):
+            yield time.perf_counter()
+        return
+    # mlx-lm has no cache-less mode: the plain loop a user would write, logits of the last
+    # position only (as qwen_lora computes them), so that the comparison is about the cache.
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        hidden = model.model(mx.array([tokens]))[:, -1:, :]
+        token = mx.argmax(model.model.embed_tokens.as_linear(hidden)[0, -1]).item()
+        tokens.append(token)
+        yield time.perf_counter()
+
+
+CONTEXT_CLOCK = ReportedTimer()
+
+
+class KVCacheVsRecompute(ModelBenchmark):
+    """Time per generated token at a 512-token sequence: with the KV cache, and recomputing
+    the whole sequence for each token (greedy)."""
+
+    params = [MLX_IMPLEMENTATIONS, ["kv_cache", "recompute"]]
+    param_names = ["implementation", "mode"]
+    number = 1
+    rounds = 1
+    warmup_time = 0
+    repeat = W.slow_repeat
+
+    def setup(self, model_dir: str, impl: str, mode: str) -> None:
+        self.model = _generation_model(impl, model_dir)
+        self.prompt = token_ids(W.context - 1, W.vocab, seed=4)
+
+    def teardown(self, model_dir: str, impl: str, mode: str) -> None:
+        settle()
+
+    def time_token(self, model_dir: str, impl: str, mode: str) -> None:
+        """Seconds per token once the sequence reaches the context length (the prompt's
+        prefill excluded): averaged over a few tokens with the cache, one without."""
+        if mode == "kv_cache":
+            times = list(token_times(impl, self.model, self.prompt, 1 + W.cached_tokens,
+                                     sample=False))
+        else:
+            times = list(_recompute_times(impl, self.model, self.prompt, 2))
+        CONTEXT_CLOCK.report((times[-1] - times[0]) / (len(times) - 1))
+
+    time_token.timer = CONTEXT_CLOCK
+
+
+STRATEGIES = ["greedy", "top_k", "top_p", "temperature"]
+
+
+def make_sampler(impl: str, strategy: str) -> Callable[[mx.array], mx.array]:
+    """Greedy; top-k 50, top-p 0.9 and plain sampling, all at temperature 0.7."""
+    settings = {"greedy": dict(temperature=0.0),
+                "top_k": dict(temperature=W.temperature, top_k=W.top_k),
+                "top_p": dict(temperature=W.temperature, top_p=W.top_p),
+                "temperature": dict(temperature=W.temperature)}[strategy]
+    if impl == QWEN_LORA:
+        return require("qwen_lora", "Sampler").Sampler(seed=0, **settings)
+    utils = require("mlx_lm.sample_utils", "make_sampler")
+    return utils.make_sampler(temp=settings["temperature"], top_k=settings.get("top_k", 0),
+                              top_p=settings.get("top_p", 0.0))
+
+
+class Sampling:
+    """Picking one token from one row of logits (log-probabilities, as generation passes)."""
+
+    params = [MLX_IMPLEMENTATIONS, STRATEGIES, list(W.sample_vocabularies)]
+    param_names = ["implementation", "strategy", "vocabulary"]
+    number = 1
+    rounds = 1
+    warmup_time = 0.05
+    repeat = W.fast_repeat
+
+    def setup(self, impl: str, strategy: str, vocab: int) -> None:
+        self.sampler = make_sampler(impl, strategy)
+        logits = mx.random.normal((1, vocab), key=mx.random.key(vocab)) * 3.0
+        self.logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.eval(self.logprobs, self.sampler(self.logprobs))
+
+    def time_sample(self, impl: str, strategy: str, vocab: int) -> None:
+        """Seconds per sampled token."""
+        mx.eval(self.sampler(self.logprobs))
+
+
+@functools.cache
+def _decode_state(impl: str, model_dir: str) -> tuple[Any, list, mx.array]:
+    """A model, its KV cache holding the prompt, and the next token."""
+    model = cached_model(impl, model_dir)
+    prompt = mx.array([token_ids(W.prompt, W.vocab, seed=2)])
+    if impl == QWEN_LORA:
+        if not hasattr(model, "make_cache"):
+            raise NotImplementedError("qwen_lora's model has no make_cache")
+        cache = model.make_cache()
+        require("qwen_lora.generate", "prefill").prefill(model, prompt, cache)
+    else:
+        cache = require("mlx_lm.models.cache", "make_prompt_cache").make_prompt_cache(model)
+        model(prompt, cache=cache)
+    mx.eval([c.state for c in cache])
+    if not all(hasattr(c, "trim") for c in cache):
+        raise NotImplementedError("the KV cache cannot be trimmed back after a step")
+    return model, cache, mx.array([[1]])
+
+
+class ForwardPass(ModelBenchmark):
+    """One decoding forward pass: a token through the model with a 128-token KV cache."""
+
+    params = [MLX_IMPLEMENTATIONS]
+    param_names = ["implementation"]
+    number = 1
+    rounds = 1
+    warmup_time = 0
+    repeat = W.fast_repeat
+
+    def setup(self, model_dir: str, impl: str) -> None:
+        self.model, self.cache, self.token = _decode_state(impl, model_dir)
+        self.call = (functools.partial(self.model, last_only=True) if impl == QWEN_LORA
+                     else self.model)
+
+    def teardown(self, model_dir: str, impl: str) -> None:
+        for c in self.cache:  # back to the prompt, so that every sample sees 128 tokens
+            c.trim(1)
+
+    def time_forward(self, model_dir: str, impl: str) -> None:
+        """Seconds per forward pass (the denominator of the sampling overhead)."""
+        mx.eval(self.call(self.token, cache=self.cache))
+

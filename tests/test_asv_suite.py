@@ -1,0 +1,166 @@
+"""The asv suite (benchmarks/, asv.conf.json): asv's own check, the benchmarks it discovers in
+each workload, the plan's rows, and the KV-cache memory against its formula."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_lora import preset
+from qwen_lora.report import SEED_MAP, environment_name, load_json_with_comments
+
+REPO = Path(__file__).resolve().parents[1]
+ASV = Path(sys.executable).with_name("asv")
+
+DISCOVER = """
+import json, sys
+from asv_runner.discovery import disc_benchmarks
+out = {}
+for b in disc_benchmarks(sys.argv[1]):
+    out[b.name] = {"params": b.params, "param_names": b.param_names, "type": b.type,
+                   "unit": b.unit, "timeout": b.timeout, "rounds": getattr(b, "rounds", None),
+                   "setup_cache_key": b.setup_cache_key}
+print(json.dumps(out))
+"""
+
+
+def discover(workload: str) -> dict[str, dict]:
+    """The benchmarks asv discovers, as the runner imports them under `workload`."""
+    proc = subprocess.run([sys.executable, "-c", DISCOVER, str(REPO / "benchmarks")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QWEN_LORA_WORKLOAD": workload})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def suites() -> dict[str, dict[str, dict]]:
+    return {w: discover(w) for w in ("default", "small")}
+
+
+def test_asv_check_passes():
+    proc = subprocess.run([str(ASV), "check", "--python=same"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_one_module_per_section_with_camelcase_classes(suites):
+    names = suites["default"]
+    modules = {name.split(".")[0] for name in names}
+    assert modules == {"training", "inference", "memory", "micro"}
+    for name, info in names.items():
+        module, cls, method = name.split(".")
+        assert cls[0].isupper() and "_" not in cls, name
+        assert method.startswith(("time_", "track_")), name
+        assert info["param_names"][0] == "implementation", name
+        impls = {v.strip("'") for v in info["params"][0]}
+        assert {"qwen_lora", "mlx_lm"} <= impls, name  # both lines in every graph
+        if module == "memory":
+            assert info["type"] == "track" and info["unit"] == "bytes", name
+        else:
+            assert info["type"] == "time" and info["unit"] == "seconds", name
+
+
+def test_workloads_share_parameters_and_run_attributes(suites):
+    """Results of both workloads must line up: asv records params, timeout and rounds from
+    the discovery run, whichever workload that imported."""
+    assert suites["default"] == suites["small"]
+
+
+def test_every_row_of_the_plan_has_a_benchmark(suites):
+    names = suites["default"]
+    for row, spec in SEED_MAP:
+        bench, _, params = spec.partition(" ")
+        assert bench in names, (row, bench)
+        for assignment in params.split():
+            key, value = assignment.split("=", 1)
+            info = names[bench]
+            assert value in info["params"][info["param_names"].index(key)], (row, spec)
+
+
+def test_torch_line_in_generation_and_training(suites):
+    for bench in ("training.LoRATraining.time_step", "training.LoRATraining.time_token",
+                  "inference.Generation.time_first_token", "inference.Generation.time_per_token",
+                  "inference.Generation.time_total"):
+        assert "'torch'" in suites["default"][bench]["params"][0], bench
+
+
+def test_default_workload_is_the_plan(monkeypatch):
+    monkeypatch.delenv("QWEN_LORA_WORKLOAD", raising=False)
+    monkeypatch.syspath_prepend(str(REPO))
+    common = importlib.import_module("benchmarks.common")
+    w = common.current_workload()
+    assert w.name == "default"
+    coder = preset("qwen2.5-coder-0.5b")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "rope_theta",
+                  "tie_word_embeddings"):
+        assert w.model[field] == getattr(coder, field), field
+    assert (w.train_seq, w.prompt, w.new_tokens, w.kv_tokens, w.op_size, w.component_seq) == \
+        (512, 128, 100, 2048, 1024, 512)
+    assert (w.temperature, w.top_p, w.top_k) == (0.7, 0.9, 50)
+    assert w.lora == {"rank": 8, "alpha": 16.0, "targets": ("q_proj", "v_proj")}
+    assert (w.learning_rate, w.weight_decay) == (1e-4, 0.01)
+    assert sorted(w.sample_vocabularies) == [32000, 151936]
+    # The corrected formula: 2 key/value heads, not 14.
+    assert w.kv_cache_bytes(2048, 2) == 24 * 2 * 2 * 2048 * 64 * 2 == coder.kv_cache_bytes(2048, 2)
+    monkeypatch.setenv("QWEN_LORA_WORKLOAD", "nonsense")
+    with pytest.raises(ValueError, match="QWEN_LORA_WORKLOAD"):
+        common.current_workload()
+
+
+KV_PROBE = """
+import json, sys
+from pathlib import Path
+from benchmarks import common
+from benchmarks.memory import PeakMemory
+W = common.W
+model_dir = str(common.write_model_dir(Path(sys.argv[1]), W.model))
+out = {"formula": W.kv_cache_bytes(W.kv_tokens, 4)}
+for impl in common.MLX_IMPLEMENTATIONS:
+    bench = PeakMemory()
+    bench.setup(model_dir, impl)
+    out[impl] = bench.track_kv_cache(model_dir, impl)
+print(json.dumps(out))
+"""
+
+
+def test_kv_cache_track_equals_the_formula(tmp_path):
+    """layers x 2 x KV heads x tokens x head_dim x 4 bytes, measured through each model."""
+    proc = subprocess.run([sys.executable, "-c", KV_PROBE, str(tmp_path / "model")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QWEN_LORA_WORKLOAD": "small"})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["formula"] == 4 * 2 * 1 * 256 * 64 * 4
+    assert got["qwen_lora"] == got["formula"]
+    assert got["mlx_lm"] == got["formula"]
+
+
+def test_config_builds_every_commit_and_pins_the_environment():
+    conf = load_json_with_comments(REPO / "asv.conf.json")
+    assert conf["environment_type"] == "virtualenv" and conf["branches"] == ["main"]
+    assert conf["repo"] == "." and conf["html_dir"] == "html"
+    assert conf["show_commit_url"].startswith("http")
+    assert "--force-reinstall" in conf["install_command"][0]
+    assert "--no-deps" in conf["install_command"][0]
+    assert "{build_cache_dir}" in conf["build_command"][0]
+    assert conf["matrix"]["env_nobuild"]["QWEN_LORA_WORKLOAD"] == ["default", "small"]
+    reqs = conf["matrix"]["req"]
+    assert list(reqs)[0] == "torch"  # before peft, which would pull its own build
+    assert all(v for k, v in reqs.items() if k != "mlx-cpu")  # pinned: the same every commit
+    assert conf["regressions_thresholds"]["memory\\..*"] < conf["regressions_thresholds"][
+        "^(?!memory\\.).*"]
+
+
+def test_environment_names_are_asvs():
+    names = {w: environment_name(REPO / "asv.conf.json", w) for w in ("default", "small")}
+    assert names["default"].endswith("QWEN_LORA_WORKLOADdefault")
+    assert names["small"].endswith("QWEN_LORA_WORKLOADsmall")
+    assert names["default"].removesuffix("default") == names["small"].removesuffix("small")
