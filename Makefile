@@ -88,3 +88,76 @@ preview:
 # docs/BENCHMARKS.md from the default workload's results of HEAD on this machine.
 report: $(STAMP)
 	$(BIN)/qwen-lora report --machine "$(ASV_MACHINE)" --workload default
+
+# =============================================================================================
+# Hosted dashboard and CI glue (issue 5): the targets .github/workflows/*.yml call, besides
+# test, test-slow, bench-compare, backfill and asv-machine above; docs/DASHBOARD.md describes
+# the flow. The results-* and backfill-plan targets need only git and a bare Python.
+# =============================================================================================
+RESULTS_BRANCH ?= asv-results
+RESULTS_REMOTE ?= origin
+CHUNKS ?= 4
+STEPS ?= 8
+SRC ?= chunks
+DASH := PYTHONPATH=src $(PYTHON) -m qwen_lora_dash
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: ci-deps results-pull results-push results-merge backfill-plan backfill-steps \
+	bench-new bench-pr pr-comment dashboard history
+
+# Debian/Ubuntu packages of the slow tests: headless Chromium (the browser test) and shellcheck
+# (actionlint checks the workflows' run: lines with it). Installed only where missing.
+ci-deps:
+	@if command -v chromium || command -v chromium-browser || command -v google-chrome; then :; \
+	else $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
+	@command -v shellcheck || { $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck; }
+
+# results/ <-> the results branch; both merge, neither overwrites what the other side has.
+results-pull:
+	$(DASH).ci pull --results results --remote "$(RESULTS_REMOTE)" --branch "$(RESULTS_BRANCH)"
+
+results-push:
+	$(DASH).ci push --results results --remote "$(RESULTS_REMOTE)" --branch "$(RESULTS_BRANCH)" \
+	  --message "asv results: $$(git rev-parse --short HEAD) on $(ASV_MACHINE)"
+
+# Join result directories (SRC: a directory of downloaded chunk artifacts) into results/.
+results-merge:
+	$(DASH).ci merge "$(SRC)" --into results
+
+# The job matrix of a fanned-out backfill: CHUNKS contiguous sub-ranges of RANGE as JSON.
+backfill-plan:
+	$(DASH).ci plan --range "$(RANGE)" --chunks "$(CHUNKS)"
+
+# Nightly: the small workload on STEPS commits spread over the whole history, skipping those
+# already measured on this machine (CI names it by runner class: ASV_MACHINE).
+backfill-steps: asv-machine
+	$(ASV) run $(ASV_SMALL) --skip-existing --steps "$(STEPS)" ALL
+
+# Pushes to main: the small workload on every commit of the configured branches newer than
+# the measured ones.
+bench-new: asv-machine
+	$(ASV) run $(ASV_SMALL) --skip-existing NEW
+
+# Pull requests: bench-compare, with its table written to bench-compare.md (and the job summary).
+bench-pr:
+	$(DASH).ci run-compare --title "Benchmarks: $(BASE) -> $(HEAD)" -- \
+	  $(MAKE) --no-print-directory bench-compare BASE="$(BASE)" HEAD="$(HEAD)"
+
+# Post (or update) the comparison as a comment on pull request PR; needs gh and GH_TOKEN.
+pr-comment:
+	gh pr comment "$(PR)" --body-file bench-compare.md --edit-last --create-if-none
+
+# The site: asv publish (with docs/BENCHMARKS.md), then the landing summary on top of html/.
+dashboard: publish
+	$(BIN)/python -m qwen_lora_dash.summary --results results --html html
+
+# Real history on this machine: the small workload over every commit that has the package,
+# then the default workload on HEAD, then the site (also when a benchmark failed on some
+# commit: asv records the failure and the site shows it). Re-running skips what is measured.
+history: $(STAMP)
+	$(DASH).ci package-commits --out .asv/history-commits.txt
+	-$(MAKE) --no-print-directory backfill RANGE=HASHFILE:.asv/history-commits.txt
+	-$(MAKE) --no-print-directory bench
+	$(MAKE) --no-print-directory dashboard

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write a HASHFILE for `asv run HASHFILE:PATH`")
 
     p = sub.add_parser("plan", help="JSON job matrix of contiguous commit ranges")
-    p.add_argument("--range", default="HEAD", dest="rev_range")
+    p.add_argument("--range", default="HEAD", dest="rev_range",
+                   help="a git range or revision; ALL (asv's word) means HEAD's history")
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--all-commits", action="store_true",
                    help="include commits without the package")
@@ -339,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sys.stdout.write(text)
         elif args.cmd == "plan":
-            commits = first_parent_commits(args.rev_range)
+            rev_range = "HEAD" if args.rev_range == "ALL" else args.rev_range  # asv's ALL
+            commits = first_parent_commits(rev_range)
             if not args.all_commits:
                 commits = commits_with_path(commits)
             if not commits:
-                raise CIError(f"no commits to measure in {args.rev_range!r}")
+                raise CIError(f"no commits to measure in {rev_range!r}")
             matrix = json.dumps({"include": plan_chunks(commits, args.chunks)})
             github_output("matrix", matrix)
             print(matrix)
