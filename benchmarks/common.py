@@ -70,6 +70,10 @@ class Workload:
     kv_tokens: int  # tokens held by the KV cache whose memory is tracked
     op_size: int  # square tensors of the tensor-operation microbenchmarks
     component_seq: int  # sequence length of the model-component microbenchmarks
+    # Samples. asv calls a change significant by a Mann-Whitney test at p < 0.002, which
+    # needs at least 7 samples on each side; with fewer, only non-overlapping confidence
+    # intervals count. The small workload takes 10 (it gates pull requests); the seed's sizes
+    # take 2 or 3 (each sample is seconds: the time budget).
     slow_repeat: int  # samples of benchmarks whose call takes seconds at the seed's sizes
     step_repeat: int  # samples (consecutive steps) of the training-step run
     fast_repeat: tuple[int, int, float]  # (min, max, seconds) for millisecond benchmarks
@@ -107,7 +111,7 @@ WORKLOADS = {
     "small": Workload(
         name="small", model=SMALL_QWEN2, train_seq=128, prompt=32, new_tokens=32,
         context=128, cached_tokens=8, kv_tokens=256, op_size=256, component_seq=128,
-        slow_repeat=6, step_repeat=8, fast_repeat=(10, 60, 0.5)),
+        slow_repeat=10, step_repeat=10, fast_repeat=(10, 60, 0.5)),
 }
 
 
@@ -239,10 +243,19 @@ class ModelBenchmark:
 
 # -- loading each implementation ---------------------------------------------------------
 
-def load_model(impl: str, model_dir: str) -> Any:
-    """A fresh model of `impl` with the directory's weights, in the device's compute dtype."""
+def load_model(impl: str, model_dir: str, inference: bool = False) -> Any:
+    """A fresh model of `impl` with the directory's weights, in the device's compute dtype.
+
+    `inference`: prepared as the implementation's own generation path loads it (qwen_lora
+    fuses its projections there, as `qwen-lora generate` does, at commits that can).
+    """
     if impl == QWEN_LORA:
         ql = require("qwen_lora", "load")
+        if inference:
+            try:
+                return ql.load(model_dir, dtype=mlx_dtype(), fuse_projections=True)
+            except TypeError:  # a commit before fused projections
+                pass
         return ql.load(model_dir, dtype=mlx_dtype())
     if impl == MLX_LM:
         utils = require("mlx_lm.utils", "load_model")
@@ -251,6 +264,8 @@ def load_model(impl: str, model_dir: str) -> Any:
         mx.eval(model.parameters())
         return model
     if impl == TORCH:
+        if not on_cpu():
+            raise NotImplementedError("the torch line is PyTorch on the CPU; MLX is on a GPU")
         torch = require("torch")
         transformers = require("transformers", "Qwen2ForCausalLM")
         transformers.utils.logging.disable_progress_bar()
@@ -261,8 +276,8 @@ def load_model(impl: str, model_dir: str) -> Any:
 
 @functools.cache
 def cached_model(impl: str, model_dir: str) -> Any:
-    """`load_model`, once per process: `setup` runs again before every sample."""
-    return load_model(impl, model_dir)
+    """`load_model` for inference, once per process: `setup` runs before every sample."""
+    return load_model(impl, model_dir, inference=True)
 
 
 # -- timers -------------------------------------------------------------------------------

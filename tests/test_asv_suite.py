@@ -164,3 +164,13 @@ def test_environment_names_are_asvs():
     assert names["default"].endswith("QWEN_LORA_WORKLOADdefault")
     assert names["small"].endswith("QWEN_LORA_WORKLOADsmall")
     assert names["default"].removesuffix("default") == names["small"].removesuffix("small")
+
+
+def test_small_workload_takes_enough_samples_for_asvs_statistics(monkeypatch):
+    """asv flags a change only if a Mann-Whitney test gives p < 0.002, which 6 samples per
+    side can never reach (complete separation: p = 2/924); the small workload gates
+    regressions, so every time benchmark takes at least 7."""
+    monkeypatch.syspath_prepend(str(REPO))
+    common = importlib.import_module("benchmarks.common")
+    small = common.WORKLOADS["small"]
+    assert min(small.slow_repeat, small.step_repeat, small.fast_repeat[0]) >= 7
