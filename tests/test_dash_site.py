@@ -98,11 +98,12 @@ def test_summary_judges_the_seed_targets_on_the_latest_commit(toy_site):
     text = page.read_text()
     assert commits[-1][:8] in text and commits[-2][:8] in text
     verdicts = {row[0]: row[1:4] for row in table_rows(page) if len(row) == 5}
-    assert verdicts["LoRA training throughput"][1:] == ["95% of mlx-lm", "PASS"]
-    assert verdicts["Inference speed (decoding)"][1:] == ["83% of mlx-lm", "FAIL"]
-    assert verdicts["Peak memory"][2] == "PASS"
-    assert verdicts["KV-cache speedup"][1:] == ["5.0x", "PASS"]
-    assert verdicts["Sampling overhead"][1:] == ["2.00% (top_p, vocabulary 151936)", "FAIL"]
+    assert verdicts["Training Throughput"][1:] == ["95% of mlx-lm", "PASS"]
+    assert verdicts["Inference Speed"][1:] == ["83% of mlx-lm (decoding)", "FAIL"]
+    assert verdicts["Memory Usage"][1:] == ["worst 0.91x of mlx-lm (track_forward)", "PASS"]
+    assert verdicts["KV-Cache Speedup"][1:] == ["5.0x", "PASS"]
+    assert verdicts["Sampling Overhead"][2] == "FAIL"
+    assert verdicts["Sampling Overhead"][1].startswith("2.00% (worst: Top-p")
     ratios = {(r[0], r[1]): r[4] for r in table_rows(page) if len(r) == 5 and r[4].endswith("x")}
     assert ratios[("inference.Generation.time_per_token", "")] == "1.20x"
     assert ratios[("memory.PeakMemory.track_forward", "")] == "0.91x"
@@ -129,12 +130,13 @@ def test_snapshots_follow_asv_revisions(toy_site):
     root, commits = toy_site
     conf = summary.read_conf(root / "asv.conf.json")
     benchmarks = json.loads((root / "results" / "benchmarks.json").read_text())
-    snaps = summary.load_snapshots(root / "results", benchmarks)
-    assert sorted(s.commit for s in snaps) == sorted(commits)
+    sets = summary.load_result_sets(root / "results", benchmarks)
+    assert sorted(rs.commit for rs in sets) == sorted(commits)
     order = {c: i for i, c in enumerate(commits)}
-    [(latest, previous)] = summary.latest_pairs(snaps, order)
+    [(latest, previous)] = summary.latest_pairs(sets, order)
     assert (latest.commit, previous.commit) == (commits[2], commits[1])
-    assert latest.get("training.LoRATraining.time_step", implementation="qwen_lora") == 0.0105
+    assert latest.get("training.LoRATraining.time_step", implementation="qwen_lora").value \
+        == 0.0105
     assert summary.threshold_for("memory.PeakMemory.track_forward",
                                  summary.thresholds_from_conf(conf)) == 0.01
 
