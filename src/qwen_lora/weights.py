@@ -137,7 +137,11 @@ def read_weights(model_dir: Path) -> dict[str, tuple[mx.array, Path]]:
 
 def build_model(config: ModelConfig, weights: dict[str, tuple[mx.array, Path]],
                 dtype: mx.Dtype, source: Path | str = "weights") -> Model:
-    """A model holding exactly `weights`, checked by name and shape; nothing is half-loaded."""
+    """A model holding exactly `weights`, checked by name and shape; nothing is half-loaded.
+
+    Consumes `weights`: each tensor is converted to `dtype` and its source dropped in turn,
+    so loading float32 files as float16 never holds both copies of the whole model.
+    """
     model = Model(config)  # its random initial values stay lazy and are never computed
     expected = dict(tree_flatten(model.parameters()))
     where = {name: file for name, (_, file) in weights.items()}
@@ -146,7 +150,6 @@ def build_model(config: ModelConfig, weights: dict[str, tuple[mx.array, Path]],
     if unknown:
         raise ModelLoadError(f"{where[unknown[0]]}: unexpected tensor {unknown[0]!r}"
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    loaded = []
     for name, param in expected.items():
         if name not in weights:
             raise ModelLoadError(f"{source}: missing tensor {name!r}")
@@ -154,7 +157,12 @@ def build_model(config: ModelConfig, weights: dict[str, tuple[mx.array, Path]],
         if tuple(array.shape) != tuple(param.shape):
             raise ModelLoadError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
                                  f"expected {tuple(param.shape)}")
-        loaded.append((name, array.astype(dtype)))
+    loaded = []
+    for name in expected:
+        converted = weights.pop(name)[0].astype(dtype)
+        mx.eval(converted)
+        loaded.append((name, converted))
+    weights.clear()
     model.update(tree_unflatten(loaded))
     mx.eval(model.parameters())
     return model
