@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen_lora.errors import ModelLoadError
+from qwen_lora.errors import ModelLoadError, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 
@@ -98,16 +97,7 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """Read `config.json` from a model directory; errors name the file (and line)."""
         file = Path(path) / "config.json"
-        try:
-            text = file.read_text()
-        except FileNotFoundError:
-            raise ModelLoadError(f"{file}: no config.json in the model directory") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ModelLoadError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from None
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{file}: expected a JSON object")
+        data = read_json_object(file, ModelLoadError, "no config.json in the model directory")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:

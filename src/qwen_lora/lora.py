@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from qwen_lora.errors import AdapterError, ModelLoadError
+from qwen_lora.errors import AdapterError, ModelLoadError, read_json_object
 from qwen_lora.weights import atomic_save_safetensors, atomic_write_text, check_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -180,14 +180,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Parse an adapter directory's config into rank/alpha/dropout/targets/layers."""
     file = Path(path) / ADAPTER_CONFIG
-    try:
-        raw = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{file}: no adapter_config.json in the adapter directory") from None
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{file}: expected a JSON object")
+    raw = read_json_object(file, AdapterError, "no adapter_config.json in the adapter directory")
     if raw.get("fine_tune_type", "lora") != "lora":
         raise AdapterError(f"{file}: fine_tune_type {raw['fine_tune_type']!r} is not 'lora'")
     params = raw.get("lora_parameters") or {}

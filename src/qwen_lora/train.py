@@ -36,7 +36,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from qwen_lora.data import BatchOrder, Example, eval_batches, make_batch
-from qwen_lora.errors import AdapterError, ModelLoadError, TrainingError
+from qwen_lora.errors import AdapterError, ModelLoadError, TrainingError, read_json_object
 from qwen_lora.lora import load_adapter_weights, read_adapter_config, save_adapter
 from qwen_lora.train_step import TrainStep, loss_fn, make_optimizer
 from qwen_lora.weights import atomic_save_safetensors, atomic_write_text, check_safetensors
@@ -149,13 +149,8 @@ def latest_checkpoint(adapter_path: str | os.PathLike) -> Path | None:
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's trainer_state.json."""
     file = Path(checkpoint) / STATE_FILE
-    try:
-        state = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"{file}: missing; the checkpoint is incomplete") from None
-    except json.JSONDecodeError as err:
-        raise TrainingError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    state = read_json_object(file, TrainingError, "missing; the checkpoint is incomplete")
+    if not isinstance(state.get("step"), int):
         raise TrainingError(f"{file}: no integer 'step'")
     return state
 
