@@ -39,6 +39,7 @@ BASE ?= main
 HEAD ?= HEAD
 RANGE ?= ALL
 COMPARE_WORKLOAD ?= small
+COMPARE_ROUNDS ?= 2
 FACTOR ?= 1.1
 PORT ?= 8080
 # asv's name of a workload's environment, computed by asv from asv.conf.json, and the asv
@@ -65,12 +66,12 @@ bench-small: asv-machine
 	$(ASV) run $(ASV_SMALL) --show-stderr HEAD^!; status=$$?; \
 	$(MAKE) --no-print-directory publish && exit $$status
 
-# asv continuous: BASE against HEAD (COMPARE_WORKLOAD, small by default); exits 1 when a
-# benchmark got slower (or bigger) by more than FACTOR with statistical significance, 2 when
-# a benchmark failed.
+# asv continuous: BASE against HEAD (COMPARE_WORKLOAD, small by default), COMPARE_ROUNDS
+# rounds interleaved between the two commits; exits 1 when a benchmark got slower (or bigger)
+# by more than FACTOR with statistical significance, 2 when a benchmark failed.
 bench-compare: asv-machine
-	$(ASV) continuous $(call asv_for,$(COMPARE_WORKLOAD)) --factor $(FACTOR) --show-stderr \
-	  "$(BASE)" "$(HEAD)"
+	$(ASV) continuous $(call asv_for,$(COMPARE_WORKLOAD)) -a rounds=$(COMPARE_ROUNDS) \
+	  --factor $(FACTOR) --show-stderr "$(BASE)" "$(HEAD)"
 
 # The small workload over RANGE (an asv range: A..B, ALL, HASHFILE:path), skipping commits
 # already measured on this machine.

@@ -109,9 +109,9 @@ WORKLOADS = {
         slow_repeat=2, step_repeat=3, fast_repeat=(5, 50, 3.0)),
     # Same code paths on a small model and short sequences: long histories and tests.
     "small": Workload(
-        name="small", model=SMALL_QWEN2, train_seq=128, prompt=32, new_tokens=32,
+        name="small", model=SMALL_QWEN2, train_seq=64, prompt=32, new_tokens=32,
         context=128, cached_tokens=8, kv_tokens=256, op_size=256, component_seq=128,
-        slow_repeat=10, step_repeat=10, fast_repeat=(10, 60, 0.5)),
+        slow_repeat=10, step_repeat=10, fast_repeat=(10, 50, 0.25)),
 }
 
 

@@ -117,6 +117,11 @@ class Generation(ModelBenchmark):
         DECODE_CLOCK.report((times[-1] - times[0]) / (len(times) - 1))
 
     time_per_token.timer = DECODE_CLOCK
+    # Two processes (rounds), which asv interleaves between the commits it compares: one
+    # process decodes at its own pace, more different from the next process's than its
+    # samples are from each other (qwen_lora's forward pass, measured here: +-12%).
+    time_per_token.rounds = 2
+    time_per_token.repeat = max(1, W.slow_repeat // 2)
 
     def time_total(self, model_dir: str, impl: str) -> None:
         """Seconds for the whole generation, prompt to last token."""

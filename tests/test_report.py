@@ -166,7 +166,7 @@ def test_numbers_medians_spreads_and_ratios(report):
     assert row(report, "Tokens/sec")[1:5] == ["640 ± 64", "512 ± 51", "1,280 ± 128", "1.25x"]
     assert row(report, "Time/step (ms)")[1:5] == ["200 ± 20", "250 ± 25", "100 ± 10", "0.80x"]
     # CPU seconds over wall seconds times 2 cores.
-    assert row(report, "CPU Utilization (2 cores; no GPU)")[1:4] == ["75%", "100%", "100%"]
+    assert row(report, "CPU Utilization (2 cores)")[1:4] == ["75%", "100%", "100%"]
     assert row(report, "Memory (GB)")[1:3] == ["0.21", "0.20"]
     assert row(report, "With Cache")[3] == "7.50x"
     assert row(report, "Training Step")[1:4] == ["210.0", "200.0", "+10.0 MB (1.05x)"]
@@ -226,6 +226,13 @@ def test_qwen_lora_report_subcommand(tmp_path, head, capsys):
     assert out.read_text().startswith("# qwen-lora Benchmarks")
     assert cli_main(["report", *CONFIG, "--results", str(tmp_path / "none")]) == 2
     assert "no asv results directory" in capsys.readouterr().err
+
+
+def test_ratios_near_one_keep_their_difference():
+    from qwen_lora.report import _times
+
+    assert [_times(r) for r in (0.909, 1.0, 1.0042, 0.9961, 1.05)] == [
+        "0.91x", "1.00x", "1.004x", "0.996x", "1.05x"]
 
 
 def test_json_comments_are_stripped_outside_strings(tmp_path):

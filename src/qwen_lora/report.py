@@ -4,7 +4,9 @@ Every table of the benchmark plan (the seed), filled from one commit's results o
 and workload: medians with their spread (half the interquartile range of asv's samples),
 qwen_lora beside mlx-lm (and PyTorch where measured) and the ratio, the machine, commit and
 versions, the KV-cache formula beside the measured bytes, and the plan's performance targets
-judged from the numbers. It reads asv's JSON files directly, so it needs neither asv nor MLX.
+judged from the numbers. It reads asv's JSON files directly, so it needs neither asv nor MLX:
+it imports the standard library only (the dashboard, qwen_lora_dash.summary, loads this file
+by path inside `asv publish` and shares its reader and its judgements).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ WORKLOADS = {
                     component_seq=512),
     "small": dict(model="the same architecture scaled down (23M parameters, 4 layers, 7 query "
                   "heads and 1 key/value head of 64, vocabulary 32,000), random weights, "
-                  "one thread", layers=4, kv_heads=1, head_dim=64, vocab=32000, train_seq=128,
+                  "one thread", layers=4, kv_heads=1, head_dim=64, vocab=32000, train_seq=64,
                   prompt=32, new_tokens=32, context=128, kv_tokens=256, op_size=256,
                   component_seq=128),
 }
@@ -250,6 +252,11 @@ def _num(x: float, digits: int) -> str:
     return f"{x:,.{decimals}f}"
 
 
+def _times(ratio: float) -> str:
+    """'0.91x'; three decimals where two would round a difference away ('1.004x', not '1.00x')."""
+    return f"{ratio:.2f}x" if ratio == 1.0 or round(ratio, 2) != 1.0 else f"{ratio:.3f}x"
+
+
 def _v(m: Measurement | None) -> float | None:
     return None if m is None else m.value
 
@@ -298,7 +305,7 @@ def judge(rs: ResultSet, vocab: int) -> list[Verdict]:
     worst = max(ratios, key=ratios.get) if ratios else None
     out.append(Verdict("Memory Usage", "<= MLX (mlx-lm) on every measure",
                        "n/a" if worst is None else
-                       f"worst {ratios[worst]:.2f}x of mlx-lm ({worst})",
+                       f"worst {_times(ratios[worst])} of mlx-lm ({worst})",
                        None if worst is None else all(r <= 1.0 for r in ratios.values()),
                        "`memory.PeakMemory.*`"))
     bench = "inference.KVCacheVsRecompute.time_token"
@@ -410,9 +417,9 @@ def section_header(ctx: Context) -> list[str]:
         f"- **Cores**: {ctx.machine.get('num_cpu', '?')}",
         f"- **RAM**: {ram_text}",
         f"- **OS**: {ctx.machine.get('os', '?')}, {ctx.machine.get('arch', '?')}",
-        "- **Device**: MLX's CPU backend (no GPU on this machine), float32 "
-        "(MLX's half-precision CPU matmul is ~40x slower); MLX's float32 matmul goes to "
-        "OpenBLAS through qwen_lora's BLAS shim, for mlx-lm as for qwen_lora",
+        "- **Device**: MLX's default device: on a machine without a GPU its CPU backend, in "
+        "float32 (MLX's half-precision CPU matmul is ~40x slower), with MLX's matmul sent to "
+        "OpenBLAS by qwen_lora's BLAS shim for mlx-lm as for qwen_lora; on a GPU, float16",
         "",
         "### Software",
         "",
@@ -464,7 +471,7 @@ def section_training(ctx: Context) -> list[str]:
         ["Memory (GB)"] + [("n/a" if ctx.m(mem, i) is None else
                             f"{ctx.m(mem, i).value / 1e9:.2f}") if i != TORCH else "-"
                            for i in impls] + [ratio(mem)],
-        [f"CPU Utilization ({cores} cores; no GPU)"] + [util(i) for i in impls] + ["-"],
+        [f"CPU Utilization ({cores} cores)"] + [util(i) for i in impls] + ["-"],
         ["Time/step (ms)"] + [fmt_time(ctx.m(step_bench, i)) for i in impls]
         + [ratio(step_bench)],
     ]
@@ -494,7 +501,8 @@ def section_training(ctx: Context) -> list[str]:
         "Tokens/sec is one over `time_token` (seconds per trained token); Memory is MLX's peak "
         "during a step (`memory.PeakMemory.track_train_step`, not measured for PyTorch); CPU "
         "utilization is CPU seconds per step (`time_step_cpu`, all threads) over wall seconds "
-        "times cores, the CPU's counterpart of the plan's GPU utilization.",
+        "times cores, the CPU's counterpart of the plan's GPU utilization (PyTorch: not "
+        "measured, for the time budget).",
         "",
         "### Gradient Computation",
         "",
@@ -576,7 +584,8 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
         *table(["Metric"] + [NAMES[i] for i in impls] + ["Improvement"], rows),
         "Per token is the decoding phase only: from the first new token to the last, over the "
         "tokens in between. Improvement is mlx-lm's time over qwen_lora's (above 1: qwen_lora "
-        "is faster).",
+        "is faster). PyTorch's total time is not measured (the time budget: its decoding is the "
+        "slowest); first token plus per token times the new tokens after the first gives it.",
         "",
         "### KV-Cache Performance",
         "",
@@ -618,7 +627,7 @@ def section_memory(ctx: Context) -> list[str]:
     for label, bench in MEMORY_ROWS.items():
         ours, theirs = ctx.m(bench, QWEN_LORA), ctx.m(bench, MLX_LM)
         diff = "n/a" if ours is None or theirs is None else \
-            f"{(ours.value - theirs.value) / 1e6:+,.1f} MB ({ours.value / theirs.value:.2f}x)"
+            f"{(ours.value - theirs.value) / 1e6:+,.1f} MB ({_times(ours.value / theirs.value)})"
         rows.append([label.format(kv_tokens=f"{w['kv_tokens']:,}"), fmt_mb(ours), fmt_mb(theirs),
                      diff])
     layers, kv, hd, tokens = w["layers"], w["kv_heads"], w["head_dim"], w["kv_tokens"]
@@ -694,7 +703,7 @@ def section_micro(ctx: Context) -> list[str]:
         "**Setup**:",
         "- Measure core tensor operations as each implementation's model code calls them",
         f"- Size: ({n}, {n}) tensors (attention: {n} tokens, {n // 64} heads of 64, causal)",
-        "- Device: MLX's CPU backend, float32",
+        "- Device: MLX's default device (the CPU, float32, where there is no GPU)",
         "",
         *table(["Operation", "qwen_lora (μs)", "mlx-lm (μs)", "Ratio"], op_rows),
         "Both run MLX's kernels with the same BLAS: equal times are the expected answer, and "
@@ -773,7 +782,7 @@ def section_profiling(ctx: Context) -> list[str]:
         "**Command**: `asv run --bench 'LoRATraining.time_step'` "
         "(`time_step_cpu` times the step with `time.process_time`)",
         "",
-        f"**CPU Utilization** (no GPU on this machine): {util}.",
+        f"**CPU Utilization**: {util}.",
         "",
     ]
 
