@@ -129,3 +129,13 @@ def test_top_p_nucleus_over_a_large_vocabulary(backend):
     seen = draws(Sampler(temperature=1.0, top_p=0.6, backend=backend, seed=2), mx.array(x[None]),
                  300)
     assert set(seen) <= nucleus
+
+
+def test_top_k_keeps_exactly_k_when_the_kth_logit_is_tied():
+    """One clear best and four tied for second: top-k 2 keeps the best and one of the four."""
+    logits = mx.array([[5.0, 1.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
+    seen = draws(Sampler(temperature=100.0, top_k=2, seed=0, backend="numpy"), logits, 2000)
+    assert set(seen) == {0, 1, 2, 3, 4}
+    # With two candidates at nearly equal weight, the best wins about half the draws (a tie
+    # kept whole would make it one fifth).
+    assert 0.45 < seen.count(0) / len(seen) < 0.57

@@ -1,7 +1,7 @@
 """Token samplers: greedy, temperature, top-k and top-p (nucleus), composable and seedable.
 
 Two equivalent implementations: numpy on CPUs, where MLX's element-wise ops and sort are slow
-(top-p over 151,936 logits costs ~0.5 ms here instead of ~20 ms), and MLX on GPUs, where the
+(top-p over 151,936 logits costs ~0.2 ms here instead of ~20 ms), and MLX on GPUs, where the
 logits stay on the device and sampling remains part of the lazy graph.
 """
 
@@ -20,6 +20,8 @@ class Sampler:
     top-p keeps the smallest set of most likely tokens whose probability mass reaches `top_p`.
     """
 
+    NUCLEUS_GUESS = 1024  # first guess of the nucleus size on the numpy path
+
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, backend: str | None = None) -> None:
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
@@ -37,6 +39,7 @@ class Sampler:
         self.seed = seed
         self.backend = backend
         self._rng = np.random.default_rng(seed)
+        self._buffers: dict[tuple[int, int], np.ndarray] = {}
         self._key = mx.random.key(seed if seed is not None else int(self._rng.integers(2**31)))
 
     @property
@@ -64,25 +67,84 @@ class Sampler:
 
     def _sample_row(self, row: np.ndarray) -> int:
         vocab = row.shape[0]
-        x = np.subtract(row, row.max())
-        x *= np.float32(1.0 / self.temperature)
         if 0 < self.top_k < vocab:
-            keep = np.argpartition(x, vocab - self.top_k)[vocab - self.top_k:]
-            masked = np.full_like(x, -np.inf)
-            masked[keep] = x[keep]
-            x = masked
-        probs = np.exp(x, out=x)
+            ids = self._top_k_ids(row)
+            return int(ids[self._sample_few(row[ids])])
+        probs = self._weights(row, out=self._buffer(vocab, 0))
         if self.top_p >= 1.0:
             prefix = _Prefix(probs)
             return min(prefix.count_at_most(self._rng.random() * prefix.total), vocab - 1)
-        ascending = np.sort(probs)
-        prefix = _Prefix(ascending)
-        # The nucleus is the smallest top set with mass >= top_p, so the excluded tail is the
-        # longest run of least likely tokens whose mass stays <= (1 - top_p).
-        tail = min(prefix.count_at_most((1.0 - self.top_p) * prefix.total), vocab - 1)
-        below = prefix.sum_first(tail)
-        pick = prefix.count_at_most(below + self._rng.random() * (prefix.total - below))
-        value = ascending[min(max(pick, tail), vocab - 1)]
+        return self._sample_nucleus(probs)
+
+    def _buffer(self, size: int, which: int) -> np.ndarray:
+        """A float32 work array kept between calls: a fresh 600 kB array a call costs more in
+        page faults than the arithmetic (0.65 ms against 0.25 ms a token at 151,936)."""
+        key = (size, which)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty(size, dtype=np.float32)
+        return self._buffers[key]
+
+    def _weights(self, logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Unnormalized probabilities exp((logits - max) / temperature), in `out` or a new
+        array."""
+        x = np.subtract(logits, logits.max(), out=out)
+        x *= np.float32(1.0 / self.temperature)
+        return np.exp(x, out=x)
+
+    def _top_k_ids(self, row: np.ndarray) -> np.ndarray:
+        """Indices of the top_k largest logits (`np.argpartition` would allocate and fill
+        a 1.2 MB index array at 151,936; partitioning a copy of the values does not)."""
+        vocab, k = len(row), self.top_k
+        scratch = self._buffer(vocab, 1)
+        np.copyto(scratch, row)
+        scratch.partition(vocab - k)
+        kth = scratch[vocab - k]
+        ids = np.flatnonzero(row >= kth)
+        if len(ids) > k:  # ties at the k-th value: keep a random subset of them
+            above, tied = ids[row[ids] > kth], ids[row[ids] == kth]
+            ids = np.concatenate([above, self._rng.choice(tied, k - len(above), replace=False)])
+        return ids
+
+    def _nucleus_size(self, cumulative: np.ndarray, total: float) -> int:
+        """How many of the most likely tokens (`cumulative` sums them, most likely first) form
+        the nucleus: the smallest count whose mass reaches top_p of `total`."""
+        if self.top_p >= 1.0:
+            return len(cumulative)
+        count = int(np.searchsorted(cumulative, self.top_p * total, side="left")) + 1
+        return min(count, len(cumulative))
+
+    def _sample_few(self, logits: np.ndarray) -> int:
+        """Index into a short candidate list (the top-k), which is cheap to sort whole."""
+        probs = self._weights(logits)
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order], dtype=np.float64)
+        n = self._nucleus_size(cumulative, float(cumulative[-1]))
+        pick = int(np.searchsorted(cumulative[:n], self._rng.random() * cumulative[n - 1],
+                                   side="right"))
+        return int(order[min(pick, n - 1)])
+
+    def _sample_nucleus(self, probs: np.ndarray) -> int:
+        """Top-p over the whole vocabulary without sorting it: the nucleus lies among the m
+        most likely tokens as soon as their mass reaches top_p, and `np.partition` finds
+        those in linear time (0.09 ms at 151,936 here, a full sort 0.4 ms). m grows 8x per
+        try, so a flat distribution ends in one full sort."""
+        vocab = len(probs)
+        total = float(probs.sum(dtype=np.float64))
+        m = min(self.NUCLEUS_GUESS, vocab)
+        while True:
+            scratch = self._buffer(vocab, 1)
+            np.copyto(scratch, probs)
+            if m < vocab:
+                scratch.partition(vocab - m)
+            top = np.sort(scratch[vocab - m:])[::-1]
+            cumulative = np.cumsum(top, dtype=np.float64)
+            if m == vocab or cumulative[-1] >= self.top_p * total:
+                break
+            m = min(m * 8, vocab)
+        n = self._nucleus_size(cumulative, total)
+        pick = int(np.searchsorted(cumulative[:n], self._rng.random() * cumulative[n - 1],
+                                   side="right"))
+        value = top[min(pick, n - 1)]
         # Find a token of the drawn probability (ties are exchangeable): no argsort needed.
         candidates = np.flatnonzero(probs == value)
         return int(candidates[0] if len(candidates) == 1 else self._rng.choice(candidates))
