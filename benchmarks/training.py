@@ -53,7 +53,7 @@ def _lora_model(impl: str, model_dir: str) -> Any:
         peft = require("peft", "LoraConfig", "get_peft_model")
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
-        model.train()
+    model.train()  # the mode each library trains in (qwen_lora and transformers load in eval)
     return model
 
 

@@ -67,6 +67,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, compile: bool = True,
                  grad_checkpoint: bool = False) -> None:
+        model.train()  # LoRA dropout and the activation checkpoints act in training mode
         self.model = model
         self.optimizer = optimizer
         self.grad_fn = make_grad_fn(model, grad_checkpoint)

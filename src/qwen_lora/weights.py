@@ -193,6 +193,7 @@ def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None,
             fuse_lora(model)
     if fuse_projections:
         model.fuse_projections()
+    model.eval()  # inference mode, as loaded; training sets model.train()
     return model
 
 
