@@ -77,7 +77,11 @@ class Workload:
     slow_repeat: int  # samples of benchmarks whose call takes seconds at the seed's sizes
     step_repeat: int  # samples (consecutive steps) of the training-step run
     fast_repeat: tuple[int, int, float]  # (min, max, seconds) for millisecond benchmarks
+    batch_prompt: int = 32  # prompt tokens per sequence of the batched and quantized runs
+    batch_tokens: int = 8  # tokens generated per sequence there
     sample_vocabularies: tuple[int, ...] = (32000, 151936)
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    quantized_bits: tuple[int, ...] = (8, 4)
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 50

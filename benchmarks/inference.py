@@ -1,4 +1,5 @@
-"""Inference: token generation, the KV cache against recomputation, and sampling overhead.
+"""Inference: token generation, the KV cache against recomputation, sampling overhead, and
+beyond the seed: batched generation and quantized weights.
 
 Generation runs each library's own streaming loop: `qwen_lora.stream_generate`, mlx-lm's
 `generate_step` and transformers' `generate` (float32, with a streamer for per-token times),
@@ -22,6 +23,7 @@ from .common import (
     ReportedTimer,
     W,
     cached_model,
+    load_model,
     mx,
     require,
     settle,
@@ -263,3 +265,113 @@ class ForwardPass(ModelBenchmark):
         """Seconds per forward pass (the denominator of the sampling overhead)."""
         mx.eval(self.call(self.token, cache=self.cache))
 
+
+
+BATCH_CLOCK = ReportedTimer()
+
+
+def _batch_times(impl: str, model: Any, prompts: list[list[int]], max_tokens: int
+                 ) -> Iterator[float]:
+    """Generate `max_tokens` for every prompt at once with the library's batched loop
+    (qwen_lora's `stream_generate_batch`, mlx-lm's `BatchGenerator`), yielding the moment
+    each step's tokens are available."""
+    sampler_args = dict(temperature=W.temperature, top_p=W.top_p)
+    if impl == QWEN_LORA:
+        ql = require("qwen_lora", "stream_generate_batch", "Sampler")
+        for _ in ql.stream_generate_batch(model, prompts, max_tokens,
+                                          sampler=ql.Sampler(seed=0, **sampler_args),
+                                          stop_tokens=()):
+            yield time.perf_counter()
+        return
+    batch = len(prompts)
+    gen_mod = require("mlx_lm.generate", "BatchGenerator")
+    sampler = require("mlx_lm.sample_utils", "make_sampler").make_sampler(
+        temp=W.temperature, top_p=W.top_p)
+    generator = gen_mod.BatchGenerator(model, max_tokens=max_tokens, sampler=sampler,
+                                       completion_batch_size=batch, prefill_batch_size=batch)
+    try:
+        generator.insert(prompts, [max_tokens] * batch)
+        while generator.next_generated():
+            yield time.perf_counter()
+    finally:
+        generator.close()
+
+
+class BatchGeneration(ModelBenchmark):
+    """Several sequences decoded together (32-token prompts, 8 new tokens each, temperature
+    0.7, top-p 0.9): one forward pass per step serves the whole batch."""
+
+    params = [MLX_IMPLEMENTATIONS, list(W.batch_sizes)]
+    param_names = ["implementation", "batch"]
+    number = 1
+    rounds = 1
+    warmup_time = 0
+    repeat = W.slow_repeat
+
+    def setup(self, model_dir: str, impl: str, batch: int) -> None:
+        self.model = _generation_model(impl, model_dir)
+        self.prompts = [token_ids(W.batch_prompt, W.vocab, seed=10 + i) for i in range(batch)]
+        for _ in _batch_times(impl, self.model, self.prompts[:1], 2):  # first-call costs
+            pass
+
+    def teardown(self, model_dir: str, impl: str, batch: int) -> None:
+        settle()
+
+    def time_per_token(self, model_dir: str, impl: str, batch: int) -> None:
+        """Seconds per generated token in the decoding phase: a step's time over the batch
+        size (the inverse of the throughput in tokens/s)."""
+        times = list(_batch_times(impl, self.model, self.prompts, W.batch_tokens))
+        BATCH_CLOCK.report((times[-1] - times[0]) / (len(times) - 1) / batch)
+
+    time_per_token.timer = BATCH_CLOCK
+
+
+@functools.cache
+def _quantized_model(impl: str, model_dir: str, bits: int) -> Any:
+    """The inference model with its linear layers and embedding quantized to `bits` bits
+    in groups of 64, each library's own way; first-call costs paid."""
+    if impl == QWEN_LORA:
+        require("qwen_lora.model", "Model")
+        if not hasattr(require("qwen_lora.model").Model, "quantize"):
+            raise NotImplementedError("qwen_lora's model has no quantize")
+        model = load_model(impl, model_dir, inference=True).quantize(bits=bits, group_size=64)
+    else:
+        # What mlx_lm.convert does: every layer whose input size 64 divides.
+        nn = require("mlx.nn", "quantize")
+        model = load_model(impl, model_dir, inference=True)
+        nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda _, m: (
+            hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0))
+    mx.eval(model.parameters())
+    for _ in token_times(impl, model, token_ids(8, W.vocab, seed=3), 2):
+        pass
+    return model
+
+
+QUANTIZED_CLOCK = ReportedTimer()
+
+
+class QuantizedGeneration(ModelBenchmark):
+    """Decoding with 8- and 4-bit weights (32-token prompt, 8 new tokens, temperature 0.7,
+    top-p 0.9): decoding reads every weight once per token, so fewer bytes go faster where
+    a quantized matmul kernel keeps up (GPUs; MLX's CPU kernels do not)."""
+
+    params = [MLX_IMPLEMENTATIONS, list(W.quantized_bits)]
+    param_names = ["implementation", "bits"]
+    number = 1
+    rounds = 1
+    warmup_time = 0
+    repeat = W.slow_repeat
+
+    def setup(self, model_dir: str, impl: str, bits: int) -> None:
+        self.model = _quantized_model(impl, model_dir, bits)
+        self.prompt = token_ids(W.batch_prompt, W.vocab, seed=2)
+
+    def teardown(self, model_dir: str, impl: str, bits: int) -> None:
+        settle()
+
+    def time_per_token(self, model_dir: str, impl: str, bits: int) -> None:
+        """Seconds per token of the decoding phase, after the first token."""
+        times = list(token_times(impl, self.model, self.prompt, W.batch_tokens))
+        QUANTIZED_CLOCK.report((times[-1] - times[0]) / (len(times) - 1))
+
+    time_per_token.timer = QUANTIZED_CLOCK

@@ -21,6 +21,7 @@ from .common import (
     settle,
     token_ids,
 )
+from .inference import _quantized_model
 from .training import trainer
 
 PREFILL_CHUNK = 512
@@ -101,3 +102,19 @@ class PeakMemory(ModelBenchmark):
         del cache
         return held
 
+
+
+class QuantizedWeights(ModelBenchmark):
+    """Bytes of the model's parameters quantized to 8 and 4 bits in groups of 64."""
+
+    params = [MLX_IMPLEMENTATIONS, list(W.quantized_bits)]
+    param_names = ["implementation", "bits"]
+    unit = "bytes"
+
+    def setup(self, model_dir: str, impl: str, bits: int) -> None:
+        self.model = _quantized_model(impl, model_dir, bits)
+
+    def track_weights(self, model_dir: str, impl: str, bits: int) -> int:
+        """Bytes of the parameters: integers, and a scale and offset per group."""
+        flatten = require("mlx.utils", "tree_flatten").tree_flatten
+        return sum(v.nbytes for _, v in flatten(self.model.parameters()))

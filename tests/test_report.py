@@ -80,6 +80,17 @@ def _spec() -> dict[str, tuple[list[str], list[list], str, dict[tuple, float]]]:
                                                {("qwen_lora",): 2.1e8, ("mlx_lm",): 2e8}),
         "memory.PeakMemory.track_kv_cache": (["implementation"], [two], "bytes",
                                              {(i,): 524288 for i in two}),
+        # batched: qwen_lora 2 ms/token at batch 1 and 0.5 at batch 4, mlx-lm twice that.
+        "inference.BatchGeneration.time_per_token": (
+            ["implementation", "batch"], [two, [1, 4]], "seconds",
+            {("qwen_lora", 1): 0.002, ("qwen_lora", 4): 0.0005, ("mlx_lm", 1): 0.004,
+             ("mlx_lm", 4): 0.001}),
+        "inference.QuantizedGeneration.time_per_token": (
+            ["implementation", "bits"], [two, [8, 4]], "seconds",
+            {(i, b): 0.001 * b for i in two for b in (8, 4)}),
+        "memory.QuantizedWeights.track_weights": (
+            ["implementation", "bits"], [two, [8, 4]], "bytes",
+            {(i, b): 1e6 * b for i in two for b in (8, 4)}),
         "micro.TensorOps.time_op": (["implementation", "op"], [two, ops], "seconds",
                                     {(i, o): 1e-4 for i in two for o in ops}),
         "micro.ModelComponents.time_forward": (["implementation", "component"], [two, comps],
@@ -170,6 +181,13 @@ def test_numbers_medians_spreads_and_ratios(report):
     assert row(report, "Memory (GB)")[1:3] == ["0.21", "0.20"]
     assert row(report, "With Cache")[3] == "7.50x"
     assert row(report, "Training Step")[1:4] == ["210.0", "200.0", "+10.0 MB (1.05x)"]
+
+
+def test_batched_and_quantized_tables(report):
+    assert row(report, "4")[1:6] == ["0.500 ± 0.050", "2,000 ± 200", "1.00 ± 0.10",
+                                     "1,000 ± 100", "2.00x"]
+    assert row(report, "8")[1:] == ["8.00 ± 0.80", "125 ± 12", "8.00 ± 0.80", "125 ± 12",
+                                    "1.00x", "8.0", "8.0"]
 
 
 def test_targets_are_judged_from_the_numbers(report):

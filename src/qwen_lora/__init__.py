@@ -10,7 +10,13 @@ _load_fast_blas()
 from qwen_lora.cache import KVCache, make_cache  # noqa: E402
 from qwen_lora.config import ModelConfig, preset  # noqa: E402
 from qwen_lora.errors import AdapterError, DataError, ModelLoadError, TrainingError  # noqa: E402
-from qwen_lora.generate import GenerationStep, generate, stream_generate  # noqa: E402
+from qwen_lora.generate import (  # noqa: E402
+    GenerationStep,
+    generate,
+    generate_batch,
+    stream_generate,
+    stream_generate_batch,
+)
 from qwen_lora.lora import apply_lora, fuse_lora, load_adapter, save_adapter  # noqa: E402
 from qwen_lora.model import Model  # noqa: E402
 from qwen_lora.sampling import Sampler, make_sampler  # noqa: E402
@@ -19,6 +25,7 @@ from qwen_lora.weights import init_model_dir, load, save  # noqa: E402
 __all__ = [
     "AdapterError", "DataError", "GenerationStep", "KVCache", "Model", "ModelConfig",
     "ModelLoadError", "Sampler", "TrainingError", "__version__", "apply_lora", "fuse_lora",
-    "generate", "init_model_dir", "load", "load_adapter", "make_cache", "make_sampler", "preset",
-    "save", "save_adapter", "stream_generate",
+    "generate", "generate_batch", "init_model_dir", "load", "load_adapter", "make_cache",
+    "make_sampler", "preset",
+    "save", "save_adapter", "stream_generate", "stream_generate_batch",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 
 import qwen_lora  # noqa: F401 - loads the fast BLAS before mlx.core
 from qwen_lora.errors import AdapterError, DataError, ModelLoadError, TrainingError
+from qwen_lora.model import QUANTIZE_BITS
 
 # Files of a model directory besides its weights and config that a fused copy needs.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -114,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampler = Sampler(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path,
-                 fuse_projections=True)
+                 fuse_projections=True, quantize=args.quantize)
     tokenizer = None
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of a KV cache")
+    p.add_argument("--quantize", type=int, default=None, choices=QUANTIZE_BITS,
+                   metavar="BITS", help="quantize the weights to BITS (8, 4, ...) after loading")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="fine-tune LoRA adapters on a JSONL file",

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from qwen_lora.model import Model
 from qwen_lora.sampling import Sampler
@@ -60,12 +61,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     tokens = [int(t) for t in prompt_ids]
     n_prompt = len(tokens)
-    if not tokens:
-        raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
-    vocab = model.config.vocab_size
-    bad = [t for t in tokens if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    _check_prompt(tokens, model.config.vocab_size, "prompt_ids")
     if prefill_chunk <= 0:
         raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
     sampler = sampler or GREEDY
@@ -121,3 +117,105 @@ def generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     return [step.token for step in stream_generate(
         model, prompt_ids, max_tokens, sampler=sampler, use_cache=use_cache,
         stop_tokens=stop_tokens)]
+
+
+def _check_prompt(tokens: list[int], vocab: int, where: str) -> None:
+    if not tokens:
+        raise ValueError(f"{where} is empty: generation needs at least one prompt token")
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+
+def _padded_prefill_mask(valid: np.ndarray, start: int, end: int) -> mx.array:
+    """Boolean mask (batch, 1, end - start, end) for prompt positions start..end-1: causal,
+    and blind to left padding. A padding position sees itself only, which keeps its softmax
+    finite; no real position ever attends to it."""
+    queries = np.arange(start, end)[:, None]
+    keys = np.arange(end)[None, :]
+    allowed = (keys <= queries) & (valid[:, None, :end] | (keys == queries))
+    return mx.array(allowed[:, None])
+
+
+def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int,
+                          sampler: SamplerFn | None = None,
+                          stop_tokens: Iterable[int] | None = None,
+                          prefill_chunk: int = 512) -> Iterator[list[int | None]]:
+    """Generate for several prompts at once, one forward pass per step for the whole batch.
+
+    Yields, per step, the new token of every prompt (None once that prompt has stopped, at a
+    stop token or after `max_tokens`). Prompts of different lengths are left-padded to the
+    longest, and attention masks the padding out, so each row generates what it would alone
+    (rotary embeddings depend only on relative positions). Batching trades latency for
+    throughput: the weights are read once per step for all rows.
+    """
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+    rows = [[int(t) for t in p] for p in prompts]
+    if not rows:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    vocab = model.config.vocab_size
+    for i, row in enumerate(rows):
+        _check_prompt(row, vocab, f"prompts[{i}]")
+    sampler = sampler or GREEDY
+    stops = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
+    if max_tokens == 0:
+        return
+
+    batch, length = len(rows), max(len(r) for r in rows)
+    pads = [length - len(r) for r in rows]
+    padded = mx.array([[0] * pad + row for pad, row in zip(pads, rows, strict=True)],
+                      dtype=mx.int32)
+    # valid[b, j]: position j of row b holds a real token (prompt or generated).
+    valid = np.ones((batch, length + max_tokens), dtype=bool)
+    for b, pad in enumerate(pads):
+        valid[b, :pad] = False
+    padding = any(pads)
+
+    cache = model.make_cache()
+    start = 0
+    while True:
+        end = min(start + prefill_chunk, length)
+        mask = _padded_prefill_mask(valid, start, end) if padding else None
+        if end < length:
+            model.model(padded[:, start:end], mask=mask, cache=cache)
+            _eval_cache(cache)
+            start = end
+            continue
+        logits = model(padded[:, start:end], cache=cache, mask=mask, last_only=True)
+        break
+    y = sampler(logits[:, -1, :])
+    mx.async_eval(y)
+    finished = [False] * batch
+    for step in range(max_tokens):
+        last = step + 1 == max_tokens
+        if not last:
+            position = length + step  # where this step's tokens go
+            mask = mx.array(valid[:, None, None, :position + 1]) if padding else None
+            next_y = sampler(model(y[:, None], cache=cache, mask=mask)[:, -1, :])
+            mx.async_eval(next_y)
+        out: list[int | None] = []
+        for b, token in enumerate(y.tolist()):
+            if finished[b]:
+                out.append(None)
+                continue
+            out.append(token)
+            finished[b] = token in stops
+        yield out
+        if last or all(finished):
+            return
+        y = next_y
+
+
+def generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int,
+                   sampler: SamplerFn | None = None,
+                   stop_tokens: Iterable[int] | None = None) -> list[list[int]]:
+    """The generated token ids of every prompt (see `stream_generate_batch`)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for tokens in stream_generate_batch(model, prompts, max_tokens, sampler, stop_tokens):
+        for row, token in zip(out, tokens, strict=True):
+            if token is not None:
+                row.append(token)
+    return out

@@ -11,6 +11,8 @@ from qwen_lora.cache import KVCache, make_cache
 from qwen_lora.config import ModelConfig
 
 Mask = mx.array | str | None
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
+QUANTIZE_GROUPS = (32, 64, 128)
 
 
 class Attention(nn.Module):
@@ -203,6 +205,28 @@ class Model(nn.Module):
     def make_cache(self, capacity: int | None = None) -> list[KVCache]:
         """A fresh KV cache with one entry per layer."""
         return make_cache(len(self.layers), capacity=capacity)
+
+    def quantize(self, bits: int = 8, group_size: int = 64) -> Model:
+        """Store the linear layers and the (tied) embedding as `bits`-bit integers with a
+        scale and offset per `group_size` weights (`mx.quantize`), for inference: decoding
+        reads every weight once per token, so it reads bits/16 of the float16 bytes.
+
+        Layers whose input size is not a multiple of `group_size` stay in floating point.
+        Merge LoRA adapters first (`qwen_lora.fuse_lora`); `save` does not write quantized
+        weights.
+        """
+        if bits not in QUANTIZE_BITS:
+            raise ValueError(f"bits must be one of {QUANTIZE_BITS}, got {bits!r}")
+        if group_size not in QUANTIZE_GROUPS:
+            raise ValueError(f"group_size must be one of {QUANTIZE_GROUPS}, got {group_size!r}")
+        if any(isinstance(m, nn.QuantizedLinear) for m in self.modules()):
+            raise ValueError("the model is already quantized")
+
+        def fits(_path: str, module: nn.Module) -> bool:
+            return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+        nn.quantize(self, group_size=group_size, bits=bits, class_predicate=fits)
+        return self
 
     def fuse_projections(self) -> Model:
         """Fuse q/k/v and gate/up into single matmuls, for inference (fewer, larger GEMVs).

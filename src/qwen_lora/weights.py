@@ -169,13 +169,15 @@ def build_model(config: ModelConfig, weights: dict[str, tuple[mx.array, Path]],
 
 
 def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None,
-         adapter_path: str | os.PathLike | None = None, fuse_projections: bool = False) -> Model:
+         adapter_path: str | os.PathLike | None = None, fuse_projections: bool = False,
+         quantize: int | None = None) -> Model:
     """Load a Qwen2 model from a local Hugging Face directory or a Hub repo id.
 
     `dtype` defaults to the device's (float32 on CPU, float16 on GPU). With `adapter_path`, the
     LoRA adapter saved there is applied on top of the base weights. `fuse_projections` prepares
     the model for inference only: adapters are merged and q/k/v and gate/up become single
-    matmuls (see `Model.fuse_projections`).
+    matmuls (see `Model.fuse_projections`). `quantize` (bits: 8, 4, ...) stores the weights
+    as integers for inference (see `Model.quantize`); adapters are merged first.
     """
     model_dir = resolve_model_path(path_or_repo)
     config = ModelConfig.from_dir(model_dir)
@@ -187,12 +189,14 @@ def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None,
         from qwen_lora.lora import load_adapter
 
         load_adapter(model, adapter_path)
-        if fuse_projections:
+        if fuse_projections or quantize:
             from qwen_lora.lora import fuse_lora
 
             fuse_lora(model)
     if fuse_projections:
         model.fuse_projections()
+    if quantize:
+        model.quantize(bits=quantize)
     model.eval()  # inference mode, as loaded; training sets model.train()
     return model
 

@@ -1,0 +1,59 @@
+"""Batched generation: left padding is invisible, each row stops on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_lora import generate, generate_batch, load, stream_generate_batch
+
+
+@pytest.fixture(scope="module")
+def model(learnable_dir):
+    return load(learnable_dir)
+
+
+def test_equal_length_prompts_generate_what_each_would_alone(model):
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6], [5, 5, 5, 5]]
+    batched = generate_batch(model, prompts, 8, stop_tokens=())
+    assert batched == [generate(model, p, 8, stop_tokens=()) for p in prompts]
+
+
+def test_left_padding_is_masked_out(model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [4, 11, 30, 2]]
+    batched = generate_batch(model, prompts, 8, stop_tokens=())
+    assert batched == [generate(model, p, 8, stop_tokens=()) for p in prompts]
+
+
+def test_padding_across_prefill_chunks(model):
+    """Prompts longer than one prefill chunk: the mask spans chunk boundaries."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 200, size=n).tolist() for n in (21, 9)]
+    steps = list(stream_generate_batch(model, prompts, 5, stop_tokens=(), prefill_chunk=4))
+    got = [[s[b] for s in steps] for b in range(2)]
+    assert got == [generate(model, p, 5, stop_tokens=()) for p in prompts]
+
+
+def test_rows_stop_independently(model):
+    prompts = [[1, 2, 3], [7, 7, 7]]
+    free = [generate(model, p, 10, stop_tokens=()) for p in prompts]
+    stop = free[0][2]
+    assert stop not in free[1]
+    steps = list(stream_generate_batch(model, prompts, 10, stop_tokens=[stop]))
+    assert len(steps) == 10
+    first = [s[0] for s in steps]
+    end = free[0].index(stop) + 1
+    assert first[:end] == free[0][:end] and all(t is None for t in first[end:])
+    assert [s[1] for s in steps] == free[1]
+
+
+def test_bad_batch_input(model):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate_batch(model, [], 3)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        generate_batch(model, [[1], []], 3)
+    with pytest.raises(ValueError, match=r"prompts\[0\]: token id 99999"):
+        generate_batch(model, [[99999]], 3)
+    with pytest.raises(ValueError, match="max_tokens"):
+        generate_batch(model, [[1]], -1)
+    assert generate_batch(model, [[1], [2]], 0) == [[], []]
