@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
-from qwen_lora import generate, generate_batch, load, stream_generate_batch
+from qwen_lora import Sampler, generate, generate_batch, load, stream_generate_batch
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,17 @@ def test_bad_batch_input(model):
     with pytest.raises(ValueError, match="max_tokens"):
         generate_batch(model, [[1]], -1)
     assert generate_batch(model, [[1], [2]], 0) == [[], []]
+
+
+def test_pipelined_decoding_gives_the_same_tokens(model, monkeypatch):
+    """GPUs queue the next pass before reading a token; the tokens must not change."""
+    generation = importlib.import_module("qwen_lora.generate")  # the package exports a
+    # function of the same name
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    sampler_args = dict(temperature=0.8, top_p=0.9)
+    plain_batch = generate_batch(model, prompts, 6, Sampler(seed=1, **sampler_args), ())
+    plain_one = generate(model, prompts[0], 6, Sampler(seed=1, **sampler_args), stop_tokens=())
+    monkeypatch.setattr(generation, "_pipelines", lambda: True)
+    assert generate_batch(model, prompts, 6, Sampler(seed=1, **sampler_args), ()) == plain_batch
+    assert generate(model, prompts[0], 6, Sampler(seed=1, **sampler_args),
+                    stop_tokens=()) == plain_one

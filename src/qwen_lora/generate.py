@@ -35,6 +35,11 @@ def _eval_cache(cache) -> None:
     mx.eval([c.state for c in cache])
 
 
+def _pipelines() -> bool:
+    """Whether to queue the next decoding step before reading the current token."""
+    return mx.default_device() != mx.cpu
+
+
 def prefill(model: Model, prompt: mx.array, cache, chunk: int = 512) -> mx.array:
     """Run the prompt (batch, length) through the model in chunks; return the last logits."""
     length = prompt.shape[1]
@@ -54,8 +59,10 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
 
     `use_cache=False` recomputes the whole sequence for every token (what a KV cache saves).
     `stop_tokens` defaults to the model's EOS ids; pass `()` to always produce `max_tokens`.
-    The next step is queued before the current token is read (`mx.async_eval`), so on GPUs
-    graph building overlaps the device's work.
+    On GPUs the next forward pass is queued before the current token is read
+    (`mx.async_eval`), so graph building overlaps the device's work. Not on CPUs: there MLX
+    computes most of a queued pass before returning, which would hold back every token,
+    the first included, by one pass.
     """
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -70,6 +77,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
         return
 
     mx.reset_peak_memory()
+    pipeline = _pipelines()
     start = time.perf_counter()
     prompt = mx.array(tokens, dtype=mx.int32)[None]
     cache = model.make_cache() if use_cache else None
@@ -83,9 +91,9 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     ttft = first_done = previous = 0.0
     while True:
         last = generated + 1 >= max_tokens
-        if use_cache and not last:
-            next_y = sampler(model(y.reshape(1, 1), cache=cache)[:, -1, :])
-            mx.async_eval(next_y)
+        if pipeline and use_cache and not last:
+            next_logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+            mx.async_eval(next_logits)
         token = int(y.item())
         now = time.perf_counter()
         generated += 1
@@ -105,7 +113,10 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
         previous = now
         tokens.append(token)
         if use_cache:
-            y = next_y
+            if not pipeline:
+                next_logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+            y = sampler(next_logits)  # after the yield: a numpy sampler evaluates at once
+            mx.async_eval(y)
         else:
             y = sampler(model(mx.array(tokens, dtype=mx.int32)[None], last_only=True)[:, -1, :])
 
@@ -189,13 +200,18 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
     y = sampler(logits[:, -1, :])
     mx.async_eval(y)
     finished = [False] * batch
+    pipeline = _pipelines()
+
+    def forward(step: int, y: mx.array) -> mx.array:
+        position = length + step  # where this step's tokens go
+        mask = mx.array(valid[:, None, None, :position + 1]) if padding else None
+        return model(y[:, None], cache=cache, mask=mask)[:, -1, :]
+
     for step in range(max_tokens):
         last = step + 1 == max_tokens
-        if not last:
-            position = length + step  # where this step's tokens go
-            mask = mx.array(valid[:, None, None, :position + 1]) if padding else None
-            next_y = sampler(model(y[:, None], cache=cache, mask=mask)[:, -1, :])
-            mx.async_eval(next_y)
+        if pipeline and not last:  # see stream_generate
+            next_logits = forward(step, y)
+            mx.async_eval(next_logits)
         out: list[int | None] = []
         for b, token in enumerate(y.tolist()):
             if finished[b]:
@@ -206,7 +222,10 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
         yield out
         if last or all(finished):
             return
-        y = next_y
+        if not pipeline:
+            next_logits = forward(step, y)
+        y = sampler(next_logits)
+        mx.async_eval(y)
 
 
 def generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int,

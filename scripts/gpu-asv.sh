@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the asv suite ON a lent GPU machine (see ../shared/gpu/README.md), after MLX's CUDA
+# backend is installed there: the copy of the working tree there has no usable .git, so the
+# commit comes in a bundle (`git bundle create .gpu/g/repo.bundle HEAD` here), and qwen_lora
+# is put on the interpreter's path (asv's benchmark processes do not inherit PYTHONPATH).
+#
+#   scripts/gpu-asv.sh MACHINE_NAME 'asv --bench regex' [more asv run options]
+#
+# Results land in results/MACHINE_NAME/ and are copied to $OUT with the log.
+set -euo pipefail
+machine=$1; bench=$2; shift 2
+if [ ! -d .git/refs/heads/main ] && [ ! -f .git/refs/heads/main ]; then
+    rm -rf .git && git init -q
+    git fetch -q .gpu/g/repo.bundle HEAD
+    git update-ref refs/heads/main FETCH_HEAD
+    git symbolic-ref HEAD refs/heads/main
+fi
+python=$(command -v python3)
+site=$("$python" -c 'import site; print(site.getsitepackages()[0])')
+echo "$PWD/src" > "$site/qwen_lora_src.pth"
+export QWEN_LORA_WORKLOAD=default
+asv machine --machine "$machine" --yes >/dev/null
+asv run -E "existing:$python" --set-commit-hash "$(git rev-parse HEAD)" --show-stderr \
+    --bench "$bench" "$@" 2>&1 | tee -a "${OUT:-/tmp}/asv-$machine.log" | tail -n 60
+mkdir -p "${OUT:-/tmp}/results"
+cp -r "results/$machine" results/benchmarks.json "${OUT:-/tmp}/results/"
