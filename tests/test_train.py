@@ -219,3 +219,17 @@ def test_half_precision_base_trains_float32_adapters(learnable_dir, examples, tm
     assert model(x).dtype == getattr(mx, dtype)
     reloaded = load(learnable_dir, dtype=dtype, adapter_path=tmp_path / "out")
     assert mx.allclose(reloaded(x), model(x), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_loss_matches_float32(learnable_dir, dtype):
+    """The head's logits stay in the compute dtype (GPU memory); the loss and its sum are
+    float32 and agree with a float32 model's to the half type's precision."""
+    from qwen_lora.train_step import loss_fn
+
+    inputs, targets, mask = next(synthetic_batches(512, 2, 40, seed=3))
+    exact, ntoks = loss_fn(load(learnable_dir, dtype="float32"), inputs, targets, mask)
+    half, _ = loss_fn(load(learnable_dir, dtype=dtype), inputs, targets, mask)
+    assert half.dtype == mx.float32
+    assert half.item() == pytest.approx(exact.item(), rel=2e-2)
+    assert ntoks.item() == mask.sum().item()

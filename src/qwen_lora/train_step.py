@@ -32,8 +32,12 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array,
         end = start + LOSS_CHUNK
 
         def head_loss(h, t=targets[:, start:end], m=mask[:, start:end]):
-            logits = model.head(h).astype(mx.float32)
-            return (nn.losses.cross_entropy(logits, t) * m).sum()
+            # Logits stay in the compute dtype: a float32 copy of every slice (and of its
+            # gradient) cost 0.8 GB at the step's peak on an H100 in float16, where the
+            # slices' buffers are all allocated before the first one is freed. The
+            # per-position losses are summed in float32.
+            losses = nn.losses.cross_entropy(model.head(h), t).astype(mx.float32)
+            return (losses * m).sum()
 
         total = total + mx.checkpoint(head_loss)(hidden[:, start:end])
     ntoks = mask.sum()
