@@ -19,6 +19,7 @@ from .common import (
     MLX_LM,
     QWEN_LORA,
     TORCH,
+    WARMUP,
     ModelBenchmark,
     ReportedTimer,
     W,
@@ -96,7 +97,7 @@ class Generation(ModelBenchmark):
     param_names = ["implementation"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
@@ -172,7 +173,7 @@ class KVCacheVsRecompute(ModelBenchmark):
     param_names = ["implementation", "mode"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str, mode: str) -> None:
@@ -259,7 +260,7 @@ class ForwardPass(ModelBenchmark):
     param_names = ["implementation"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.fast_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
@@ -315,7 +316,7 @@ class BatchGeneration(ModelBenchmark):
     param_names = ["implementation", "batch"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str, batch: int) -> None:
@@ -369,7 +370,7 @@ class QuantizedGeneration(ModelBenchmark):
     param_names = ["implementation", "bits"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str, bits: int) -> None:

@@ -20,6 +20,7 @@ from .common import (
     MLX_LM,
     QWEN_LORA,
     TORCH,
+    WARMUP,
     ModelBenchmark,
     PerUnitTimer,
     ReportedTimer,
@@ -125,7 +126,7 @@ class LoRATraining(ModelBenchmark):
     param_names = ["implementation"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
@@ -188,7 +189,7 @@ class GradientComputation(ModelBenchmark):
     param_names = ["implementation"]
     number = 1
     rounds = 1
-    warmup_time = 0
+    warmup_time = WARMUP
     repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
