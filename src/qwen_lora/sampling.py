@@ -8,6 +8,7 @@ logits stay on the device and sampling remains part of the lazy graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -40,6 +41,7 @@ class Sampler:
         self.backend = backend
         self._rng = np.random.default_rng(seed)
         self._buffers: dict[tuple[int, int], np.ndarray] = {}
+        self._compiled: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]] | None = None
         self._key = mx.random.key(seed if seed is not None else int(self._rng.integers(2**31)))
 
     @property
@@ -151,59 +153,37 @@ class Sampler:
 
     # mlx --------------------------------------------------------------------------------
     def sample_mlx(self, logits: mx.array) -> mx.array:
-        """Sample on MLX's default device, lazily."""
+        """Sample on MLX's default device, lazily, with one compiled function: fused
+        element-wise kernels instead of one launch per operation."""
         if self.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
-        x = logits.astype(mx.float32) * (1.0 / self.temperature)
-        if 0 < self.top_k < x.shape[-1] or self.top_p < 1.0:
-            x = _truncate_mlx(x, self.top_k, self.top_p)
-        self._key, key = mx.random.split(self._key)
-        return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+        if self._compiled is None:
+            self._compiled = mx.compile(_mlx_sampler(self.temperature, self.top_k, self.top_p))
+        tokens, self._key = self._compiled(logits, self._key)
+        return tokens
 
 
-# Sort-free thresholds on MLX: each round tries SPLITS thresholds at once, narrowing the
-# bracket SPLITS+1-fold; after ROUNDS the threshold is known to ~1e-6 of the value range.
-SPLITS, ROUNDS = 32, 5
-TOP_P_SPAN = 100.0  # nats below the most likely token: the mass further down is < 1e-38
+def _mlx_sampler(temperature: float, top_k: int, top_p: float
+                 ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """(logits, key) -> (tokens, next key) for the MLX path of `Sampler`."""
+    def sample(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        x = logits.astype(mx.float32) * (1.0 / temperature)
+        vocab = x.shape[-1]
+        if 0 < top_k < vocab:
+            kth = mx.topk(x, top_k, axis=-1).min(axis=-1, keepdims=True)
+            x = mx.where(x >= kth, x, -mx.inf)
+        if top_p < 1.0:
+            probs = mx.softmax(x, axis=-1)
+            order = mx.argsort(-probs, axis=-1)
+            ordered = mx.take_along_axis(probs, order, axis=-1)
+            before = mx.cumsum(ordered, axis=-1) - ordered
+            threshold = mx.min(mx.where(before < top_p, ordered, mx.inf), axis=-1,
+                               keepdims=True)
+            x = mx.where(probs >= threshold, x, -mx.inf)
+        next_key, key = mx.random.split(key)
+        return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32), next_key
 
-
-def _threshold_mlx(values: mx.array, weights: mx.array | None, target: float, lo: mx.array,
-                   hi: mx.array) -> mx.array:
-    """Per row, the largest t (to within (hi - lo) / (SPLITS + 1)**ROUNDS) with
-    sum(weights[values >= t]) >= target (weights default to 1: a count). `lo` must reach
-    the target and `hi` must not. A full sort of 151,936 values is the slowest part of
-    top-p on a GPU; this takes ROUNDS passes over (vocabulary x SPLITS) comparisons."""
-    steps = mx.arange(1, SPLITS + 1, dtype=mx.float32) / (SPLITS + 1)
-    for _ in range(ROUNDS):
-        candidates = lo + (hi - lo) * steps  # (batch, SPLITS), ascending
-        above = values[..., None] >= candidates[:, None, :]
-        mass = (above.sum(axis=1) if weights is None
-                else mx.where(above, weights[..., None], 0.0).sum(axis=1))
-        reached = (mass >= target).sum(axis=-1, keepdims=True)  # a prefix of the candidates
-        ends = mx.concatenate([lo, candidates, hi], axis=-1)
-        lo = mx.take_along_axis(ends, reached, axis=-1)
-        hi = mx.take_along_axis(ends, reached + 1, axis=-1)
-    return lo
-
-
-def _truncate(x: mx.array, top_k: int, top_p: float) -> mx.array:
-    """Temperature-scaled logits with everything outside the top-k and the top-p nucleus at
-    -inf. Tokens within the threshold's resolution of the boundary stay together."""
-    vocab = x.shape[-1]
-    if 0 < top_k < vocab:
-        top = x.max(axis=-1, keepdims=True)
-        bottom = mx.min(mx.where(x > -mx.inf, x, top), axis=-1, keepdims=True)
-        kth = _threshold_mlx(x, None, top_k, bottom, top + 1.0)
-        x = mx.where(x >= kth, x, -mx.inf)
-    if top_p < 1.0:
-        logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
-        top = logp.max(axis=-1, keepdims=True)
-        smallest = _threshold_mlx(logp, mx.exp(logp), top_p, top - TOP_P_SPAN, top + 1.0)
-        x = mx.where(logp >= smallest, x, -mx.inf)
-    return x
-
-
-_truncate_mlx = mx.compile(_truncate)
+    return sample
 
 
 class _Prefix:
