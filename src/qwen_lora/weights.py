@@ -143,28 +143,27 @@ def build_model(config: ModelConfig, weights: dict[str, tuple[mx.array, Path]],
     so loading float32 files as float16 never holds both copies of the whole model.
     """
     model = Model(config)  # its random initial values stay lazy and are never computed
-    expected = dict(tree_flatten(model.parameters()))
+    expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     where = {name: file for name, (_, file) in weights.items()}
     unknown = [n for n in weights if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if unknown:
         raise ModelLoadError(f"{where[unknown[0]]}: unexpected tensor {unknown[0]!r}"
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    for name, param in expected.items():
+    for name, shape in expected.items():
         if name not in weights:
             raise ModelLoadError(f"{source}: missing tensor {name!r}")
         array, file = weights[name]
-        if tuple(array.shape) != tuple(param.shape):
+        if tuple(array.shape) != shape:
             raise ModelLoadError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
-                                 f"expected {tuple(param.shape)}")
-    loaded = []
-    for name in expected:
-        converted = weights.pop(name)[0].astype(dtype)
-        mx.eval(converted)
-        loaded.append((name, converted))
+                                 f"expected {shape}")
+    # The lazy conversions replace the initial values first (those and their random keys
+    # are freed before any weight is read), then are computed one tensor at a time.
+    converted = [(name, weights.pop(name)[0].astype(dtype)) for name in expected]
     weights.clear()
-    model.update(tree_unflatten(loaded))
-    mx.eval(model.parameters())
+    model.update(tree_unflatten(converted))
+    for _, array in converted:
+        mx.eval(array)
     return model
 
 
