@@ -40,15 +40,35 @@ def _pipelines() -> bool:
     return mx.default_device() != mx.cpu
 
 
-def prefill(model: Model, prompt: mx.array, cache, chunk: int = 512) -> mx.array:
-    """Run the prompt (batch, length) through the model in chunks; return the last logits."""
+def _padded_prefill_mask(valid: np.ndarray, start: int, end: int) -> mx.array:
+    """Boolean mask (batch, 1, end - start, end) for prompt positions start..end-1: causal,
+    and blind to left padding. A padding position sees itself only, which keeps its softmax
+    finite; no real position ever attends to it."""
+    queries = np.arange(start, end)[:, None]
+    keys = np.arange(end)[None, :]
+    allowed = (keys <= queries) & (valid[:, None, :end] | (keys == queries))
+    return mx.array(allowed[:, None])
+
+
+def prefill(model: Model, prompt: mx.array, cache, chunk: int = 512,
+            valid: np.ndarray | None = None) -> mx.array:
+    """Run the prompt (batch, length) through the model in chunks; return the last logits.
+
+    `valid` (batch, >= length), where rows are left-padded, marks the real tokens: attention
+    then masks the padding out.
+    """
     length = prompt.shape[1]
+
+    def mask(start: int, end: int) -> mx.array | None:
+        return None if valid is None else _padded_prefill_mask(valid, start, end)
+
     start = 0
     while length - start > chunk:
-        model.model(prompt[:, start:start + chunk], cache=cache)
+        model.model(prompt[:, start:start + chunk], mask=mask(start, start + chunk), cache=cache)
         _eval_cache(cache)
         start += chunk
-    return model(prompt[:, start:], cache=cache, last_only=True)[:, -1, :]
+    return model(prompt[:, start:], cache=cache, mask=mask(start, length),
+                 last_only=True)[:, -1, :]
 
 
 def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
@@ -138,16 +158,6 @@ def _check_prompt(tokens: list[int], vocab: int, where: str) -> None:
         raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
 
-def _padded_prefill_mask(valid: np.ndarray, start: int, end: int) -> mx.array:
-    """Boolean mask (batch, 1, end - start, end) for prompt positions start..end-1: causal,
-    and blind to left padding. A padding position sees itself only, which keeps its softmax
-    finite; no real position ever attends to it."""
-    queries = np.arange(start, end)[:, None]
-    keys = np.arange(end)[None, :]
-    allowed = (keys <= queries) & (valid[:, None, :end] | (keys == queries))
-    return mx.array(allowed[:, None])
-
-
 def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_tokens: int,
                           sampler: SamplerFn | None = None,
                           stop_tokens: Iterable[int] | None = None,
@@ -186,18 +196,7 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
     padding = any(pads)
 
     cache = model.make_cache()
-    start = 0
-    while True:
-        end = min(start + prefill_chunk, length)
-        mask = _padded_prefill_mask(valid, start, end) if padding else None
-        if end < length:
-            model.model(padded[:, start:end], mask=mask, cache=cache)
-            _eval_cache(cache)
-            start = end
-            continue
-        logits = model(padded[:, start:end], cache=cache, mask=mask, last_only=True)
-        break
-    y = sampler(logits[:, -1, :])
+    y = sampler(prefill(model, padded, cache, prefill_chunk, valid if padding else None))
     mx.async_eval(y)
     finished = [False] * batch
     pipeline = _pipelines()
