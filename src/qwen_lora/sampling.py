@@ -115,15 +115,20 @@ class Sampler:
         count = int(np.searchsorted(cumulative, self.top_p * total, side="left")) + 1
         return min(count, len(cumulative))
 
+    def _draw(self, cumulative: np.ndarray, total: float) -> int:
+        """A position drawn from the nucleus of the most likely tokens that `cumulative` sums
+        (most likely first), in proportion to their probabilities."""
+        n = self._nucleus_size(cumulative, total)
+        pick = int(np.searchsorted(cumulative[:n], self._rng.random() * cumulative[n - 1],
+                                   side="right"))
+        return min(pick, n - 1)
+
     def _sample_few(self, logits: np.ndarray) -> int:
         """Index into a short candidate list (the top-k), which is cheap to sort whole."""
         probs = self._weights(logits)
         order = np.argsort(-probs, kind="stable")
         cumulative = np.cumsum(probs[order], dtype=np.float64)
-        n = self._nucleus_size(cumulative, float(cumulative[-1]))
-        pick = int(np.searchsorted(cumulative[:n], self._rng.random() * cumulative[n - 1],
-                                   side="right"))
-        return int(order[min(pick, n - 1)])
+        return int(order[self._draw(cumulative, float(cumulative[-1]))])
 
     def _sample_nucleus(self, probs: np.ndarray) -> int:
         """Top-p over the whole vocabulary without sorting it: the nucleus lies among the m
@@ -133,8 +138,8 @@ class Sampler:
         vocab = len(probs)
         total = float(probs.sum(dtype=np.float64))
         m = min(self.NUCLEUS_GUESS, vocab)
+        scratch = self._buffer(vocab, 1)
         while True:
-            scratch = self._buffer(vocab, 1)
             np.copyto(scratch, probs)
             if m < vocab:
                 scratch.partition(vocab - m)
@@ -143,10 +148,7 @@ class Sampler:
             if m == vocab or cumulative[-1] >= self.top_p * total:
                 break
             m = min(m * 8, vocab)
-        n = self._nucleus_size(cumulative, total)
-        pick = int(np.searchsorted(cumulative[:n], self._rng.random() * cumulative[n - 1],
-                                   side="right"))
-        value = top[min(pick, n - 1)]
+        value = top[self._draw(cumulative, total)]
         # Find a token of the drawn probability (ties are exchangeable): no argsort needed.
         candidates = np.flatnonzero(probs == value)
         return int(candidates[0] if len(candidates) == 1 else self._rng.choice(candidates))
