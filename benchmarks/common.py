@@ -129,10 +129,14 @@ def current_workload() -> Workload:
         raise ValueError(f"{WORKLOAD_ENV}={name!r}: choose one of {', '.join(WORKLOADS)}") from None
 
 
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
 def for_device(workload: Workload) -> Workload:
     """On a GPU the seed's sizes take milliseconds, not seconds: ten samples of each
     benchmark (a CPU's time budget allows two or three)."""
-    if mx.default_device() == mx.cpu:
+    if on_cpu():
         return workload
     return dataclasses.replace(workload, slow_repeat=max(workload.slow_repeat, 10),
                                step_repeat=max(workload.step_repeat, 10))
@@ -142,7 +146,7 @@ W = for_device(current_workload())
 # Seconds of calls before the samples of benchmarks that take seconds on a CPU (none there:
 # their setup makes a first call). A GPU compiles kernels at the first use of each shape and
 # path (a first long-context token: ~350 ms on an H100), which the warm-up keeps out.
-WARMUP = 0.0 if mx.default_device() == mx.cpu else 1.0
+WARMUP = 0.0 if on_cpu() else 1.0
 
 
 def require(module: str, *names: str) -> Any:
@@ -156,10 +160,6 @@ def require(module: str, *names: str) -> Any:
     if missing:
         raise NotImplementedError(f"{module} has no {', '.join(missing)}")
     return mod
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def mlx_dtype() -> mx.Dtype:

@@ -342,8 +342,7 @@ def _quantized_model(impl: str, model_dir: str, bits: int) -> Any:
     """The inference model with its linear layers and embedding quantized to `bits` bits
     in groups of 64, each library's own way; first-call costs paid."""
     if impl == QWEN_LORA:
-        require("qwen_lora.model", "Model")
-        if not hasattr(require("qwen_lora.model").Model, "quantize"):
+        if not hasattr(require("qwen_lora.model", "Model").Model, "quantize"):
             raise NotImplementedError("qwen_lora's model has no quantize")
         model = load_model(impl, model_dir, inference=True).quantize(bits=bits, group_size=64)
     else:
