@@ -259,6 +259,20 @@ class ModelBenchmark:
     setup_cache.timeout = 900
 
 
+class SlowBenchmark(ModelBenchmark):
+    """A model benchmark whose call takes seconds on a CPU at the seed's sizes: one call a
+    sample, `W.slow_repeat` samples in one process, the device's warm-up, and the process
+    settled between samples."""
+
+    number = 1
+    rounds = 1
+    warmup_time = WARMUP
+    repeat = W.slow_repeat
+
+    def teardown(self, *args: Any) -> None:
+        settle()
+
+
 # -- loading each implementation ---------------------------------------------------------
 
 def load_model(impl: str, model_dir: str, inference: bool = False) -> Any:

@@ -22,12 +22,12 @@ from .common import (
     WARMUP,
     ModelBenchmark,
     ReportedTimer,
+    SlowBenchmark,
     W,
     cached_model,
     load_model,
     mx,
     require,
-    settle,
     token_ids,
 )
 
@@ -90,22 +90,15 @@ def _generation_model(impl: str, model_dir: str) -> Any:
 DECODE_CLOCK = ReportedTimer()
 
 
-class Generation(ModelBenchmark):
+class Generation(SlowBenchmark):
     """A prompt of 128 tokens, then 100 new ones at temperature 0.7, top-p 0.9."""
 
     params = [ALL_IMPLEMENTATIONS]
     param_names = ["implementation"]
-    number = 1
-    rounds = 1
-    warmup_time = WARMUP
-    repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
         self.model = _generation_model(impl, model_dir)
         self.prompt = token_ids(W.prompt, W.vocab, seed=2)
-
-    def teardown(self, model_dir: str, impl: str) -> None:
-        settle()
 
     def time_first_token(self, model_dir: str, impl: str) -> None:
         """Seconds from the call to the first new token: prefill and one sample."""
@@ -165,24 +158,17 @@ def _warm_long_context(impl: str, model_dir: str, prompt: tuple[int, ...] | list
 CONTEXT_CLOCK = ReportedTimer()
 
 
-class KVCacheVsRecompute(ModelBenchmark):
+class KVCacheVsRecompute(SlowBenchmark):
     """Time per generated token at a 512-token sequence: with the KV cache, and recomputing
     the whole sequence for each token (greedy)."""
 
     params = [MLX_IMPLEMENTATIONS, ["kv_cache", "recompute"]]
     param_names = ["implementation", "mode"]
-    number = 1
-    rounds = 1
-    warmup_time = WARMUP
-    repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str, mode: str) -> None:
         self.model = _generation_model(impl, model_dir)
         self.prompt = token_ids(W.context - 1, W.vocab, seed=4)
         _warm_long_context(impl, model_dir, tuple(self.prompt))
-
-    def teardown(self, model_dir: str, impl: str, mode: str) -> None:
-        settle()
 
     def time_token(self, model_dir: str, impl: str, mode: str) -> None:
         """Seconds per token once the sequence reaches the context length (the prompt's
@@ -308,25 +294,18 @@ def _batch_times(impl: str, model: Any, prompts: list[list[int]], max_tokens: in
         generator.close()
 
 
-class BatchGeneration(ModelBenchmark):
+class BatchGeneration(SlowBenchmark):
     """Several sequences decoded together (32-token prompts, 8 new tokens each, temperature
     0.7, top-p 0.9): one forward pass per step serves the whole batch."""
 
     params = [MLX_IMPLEMENTATIONS, list(W.batch_sizes)]
     param_names = ["implementation", "batch"]
-    number = 1
-    rounds = 1
-    warmup_time = WARMUP
-    repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str, batch: int) -> None:
         self.model = _generation_model(impl, model_dir)
         self.prompts = [token_ids(W.batch_prompt, W.vocab, seed=10 + i) for i in range(batch)]
         for _ in _batch_times(impl, self.model, self.prompts[:1], 2):  # first-call costs
             pass
-
-    def teardown(self, model_dir: str, impl: str, batch: int) -> None:
-        settle()
 
     def time_per_token(self, model_dir: str, impl: str, batch: int) -> None:
         """Seconds per generated token in the decoding phase: a step's time over the batch
@@ -360,24 +339,17 @@ def _quantized_model(impl: str, model_dir: str, bits: int) -> Any:
 QUANTIZED_CLOCK = ReportedTimer()
 
 
-class QuantizedGeneration(ModelBenchmark):
+class QuantizedGeneration(SlowBenchmark):
     """Decoding with 8- and 4-bit weights (32-token prompt, 8 new tokens, temperature 0.7,
     top-p 0.9): decoding reads every weight once per token, so fewer bytes go faster where
     a quantized matmul kernel keeps up (GPUs; MLX's CPU kernels do not)."""
 
     params = [MLX_IMPLEMENTATIONS, list(W.quantized_bits)]
     param_names = ["implementation", "bits"]
-    number = 1
-    rounds = 1
-    warmup_time = WARMUP
-    repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str, bits: int) -> None:
         self.model = _quantized_model(impl, model_dir, bits)
         self.prompt = token_ids(W.batch_prompt, W.vocab, seed=2)
-
-    def teardown(self, model_dir: str, impl: str, bits: int) -> None:
-        settle()
 
     def time_per_token(self, model_dir: str, impl: str, bits: int) -> None:
         """Seconds per token of the decoding phase, after the first token."""

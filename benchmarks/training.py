@@ -20,15 +20,13 @@ from .common import (
     MLX_LM,
     QWEN_LORA,
     TORCH,
-    WARMUP,
-    ModelBenchmark,
     PerUnitTimer,
     ReportedTimer,
+    SlowBenchmark,
     W,
     load_model,
     mx,
     require,
-    settle,
     token_ids,
 )
 
@@ -119,21 +117,14 @@ def trainer(impl: str, model_dir: str, warm: bool = True) -> Callable[[], Any]:
     return step
 
 
-class LoRATraining(ModelBenchmark):
+class LoRATraining(SlowBenchmark):
     """LoRA fine-tuning steps (forward, backward, AdamW) on one sequence."""
 
     params = [ALL_IMPLEMENTATIONS]
     param_names = ["implementation"]
-    number = 1
-    rounds = 1
-    warmup_time = WARMUP
-    repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
         self.step = trainer(impl, model_dir)
-
-    def teardown(self, model_dir: str, impl: str) -> None:
-        settle()
 
     def time_step(self, model_dir: str, impl: str) -> None:
         """Seconds per step: the plan's 100-step run, shortened, each sample one step of it."""
@@ -182,21 +173,14 @@ def _mlx_gradients(impl: str, model_dir: str) -> tuple[Callable, Callable]:
 BACKWARD_CLOCK = ReportedTimer()
 
 
-class GradientComputation(ModelBenchmark):
+class GradientComputation(SlowBenchmark):
     """Forward and backward pass over one sequence, gradients of the LoRA parameters only."""
 
     params = [MLX_IMPLEMENTATIONS]
     param_names = ["implementation"]
-    number = 1
-    rounds = 1
-    warmup_time = WARMUP
-    repeat = W.slow_repeat
 
     def setup(self, model_dir: str, impl: str) -> None:
         self.forward, self.value_and_grad = _mlx_gradients(impl, model_dir)
-
-    def teardown(self, model_dir: str, impl: str) -> None:
-        settle()
 
     def time_forward(self, model_dir: str, impl: str) -> None:
         """Seconds of the forward pass to the loss."""
