@@ -2,10 +2,13 @@
 
 __version__ = "0.1.0"
 
-# The optimized BLAS must be loaded before anything imports mlx.core (see backend.py).
+# The optimized BLAS must be loaded before anything imports mlx.core (see backend.py); the
+# flags of MLX's compiled CPU kernels must be in place before the first one is built.
 from qwen_lora.backend import load_fast_blas as _load_fast_blas
+from qwen_lora.cpu_jit import use_cpu_jit_flags as _use_cpu_jit_flags
 
 _load_fast_blas()
+_use_cpu_jit_flags()
 
 from qwen_lora.cache import KVCache, make_cache  # noqa: E402
 from qwen_lora.config import ModelConfig, preset  # noqa: E402

@@ -42,7 +42,8 @@ class BlasInfo:
 _blas: BlasInfo | None = None
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """qwen_lora's per-user cache: the BLAS shim and the g++ wrapper of cpu_jit.py."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "qwen_lora"
 
@@ -55,7 +56,7 @@ def _build_shim() -> Path:
     lib_name = scipy_openblas32.get_library()
     source = _SHIM_SOURCE.read_bytes()
     key = hashlib.sha256(source + lib_dir.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"libqwen_lora_blas-{key}.so"
+    target = cache_dir() / f"libqwen_lora_blas-{key}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -171,8 +172,10 @@ def info() -> dict[str, str]:
     import mlx.core as mx
 
     from qwen_lora import __version__
+    from qwen_lora.cpu_jit import jit_info
 
     blas = blas_info()
+    jit = jit_info()
     rows = {
         "qwen_lora": __version__,
         "mlx": mx.__version__,
@@ -183,6 +186,8 @@ def info() -> dict[str, str]:
         "blas": blas.name,
         "blas_path": blas.path or "-",
         "blas_reason": blas.reason,
+        "cpu_jit_flags": " ".join(jit.flags) or "-",
+        "cpu_jit_reason": jit.reason,
     }
     try:
         import mlx_lm
