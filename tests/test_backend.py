@@ -81,3 +81,15 @@ def test_warns_when_mlx_was_imported_first():
 def test_cpu_default_dtype_is_float32():
     if mx.default_device() == mx.cpu:
         assert default_dtype() == mx.float32
+
+
+def test_blas_core_names_openblas_kernels():
+    from qwen_lora.backend import blas_core
+
+    if not blas_info().name.startswith("scipy-openblas"):
+        return
+    core = blas_core()
+    assert core and info()["blas_core"] == core
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if forced:
+        assert core.lower() == forced.lower()

@@ -134,6 +134,23 @@ def blas_info() -> BlasInfo:
     return load_fast_blas()
 
 
+def blas_core() -> str | None:
+    """OpenBLAS's kernel family in use ('Haswell', 'SkylakeX', ...), or None for other BLAS.
+
+    OpenBLAS picks it for the processor when loaded, unless OPENBLAS_CORETYPE names one.
+    """
+    blas = blas_info()
+    if blas.path is None:
+        return None
+    lib = ctypes.CDLL(blas.path)  # already loaded: this only looks the symbols up
+    for symbol in ("scipy_openblas_get_corename", "openblas_get_corename"):
+        fn = getattr(lib, symbol, None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            return fn().decode()
+    return None
+
+
 def device_name() -> str:
     """'cpu', 'gpu (cuda)' or 'gpu (metal)': where MLX runs by default."""
     import mlx.core as mx
@@ -186,6 +203,7 @@ def info() -> dict[str, str]:
         "blas": blas.name,
         "blas_path": blas.path or "-",
         "blas_reason": blas.reason,
+        "blas_core": blas_core() or "-",
         "cpu_jit_flags": " ".join(jit.flags) or "-",
         "cpu_jit_reason": jit.reason,
     }

@@ -420,6 +420,10 @@ def section_header(ctx: Context) -> list[str]:
         "- **Device**: MLX's default device: on a machine without a GPU its CPU backend, in "
         "float32 (MLX's half-precision CPU matmul is ~40x slower), with MLX's matmul sent to "
         "OpenBLAS by qwen_lora's BLAS shim for mlx-lm as for qwen_lora; on a GPU, float16",
+        "- **CPU kernels**: `make bench` runs asv with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE "
+        "unset, so OpenBLAS runs the processor's own kernels (`qwen-lora info`: blas_core); "
+        "MLX's compiled kernels are built with `-mavx2 -mfma -mf16c` (qwen_lora's cpu_jit.py) "
+        "for both MLX lines of a commit that has it",
         "",
         "### Software",
         "",
