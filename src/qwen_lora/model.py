@@ -49,7 +49,10 @@ class Attention(nn.Module):
                          scale=1.0, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if length > 1 and mx.default_device() == mx.cpu:
+            out = attention_cpu(q, k, v, self.scale, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
     def fuse(self) -> None:
@@ -57,6 +60,69 @@ class Attention(nn.Module):
         if "qkv_proj" not in self:
             parts = [self.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
             self.qkv_proj = _concat_linears(parts)
+
+
+def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention` for several queries on a CPU, where MLX has no
+    fused kernel and falls back to separate ops whose softmax evaluates each exponential in a
+    scalar loop. Here the softmax is a compiled kernel (`_softmax`): at Qwen2.5-0.5B, 512
+    positions, 34 -> 13 ms a layer on a 2-core EPYC. q (batch, heads, length, head_dim); k and
+    v (batch, kv_heads, keys, head_dim); `mask` as the fast version takes it (None, "causal",
+    boolean or additive, broadcastable to (batch, heads, length, keys)); every query must be
+    allowed at least one key.
+    """
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads  # query heads per key/value head, side by side in one matmul
+    q = q.reshape(batch, kv_heads, group, length, head_dim)
+    scores = (q * scale) @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"mask must be 'causal' or an array, not {mask!r}")
+        mask = mx.arange(keys - length, keys)[:, None] >= mx.arange(keys)[None]
+    if mask is not None:
+        if mask.ndim == 4:  # (batch, 1 or heads, length, keys) into the grouped layout
+            mask = mask.reshape(mask.shape[0], *((1, 1) if mask.shape[1] == 1
+                                                 else (kv_heads, group)), *mask.shape[2:])
+        if mask.dtype != mx.bool_:
+            scores = scores + mask
+            mask = None
+    probs = _softmax(scores) if mask is None else _masked_softmax(scores, mask)
+    out = probs @ mx.expand_dims(v, 2)
+    return out.reshape(batch, heads, length, head_dim)
+
+
+@mx.custom_function
+def _softmax(scores: mx.array) -> mx.array:
+    return _softmax_forward(scores)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals: tuple[mx.array], cotangent: mx.array, output: mx.array) -> mx.array:
+    return _softmax_backward(output, cotangent)
+
+
+@mx.custom_function
+def _masked_softmax(scores: mx.array, allowed: mx.array) -> mx.array:
+    # The masked scores live only inside this call: the gradient needs the probabilities.
+    return _softmax_forward(mx.where(allowed, scores, mx.finfo(scores.dtype).min))
+
+
+@_masked_softmax.vjp
+def _masked_softmax_vjp(primals: tuple[mx.array, mx.array], cotangent: mx.array,
+                        output: mx.array) -> tuple[mx.array, mx.array]:
+    return _softmax_backward(output, cotangent), mx.zeros_like(primals[1])
+
+
+@partial(mx.compile, shapeless=True)
+def _softmax_forward(scores: mx.array) -> mx.array:
+    exps = mx.exp(scores - scores.max(axis=-1, keepdims=True))
+    return exps / exps.sum(axis=-1, keepdims=True)
+
+
+@partial(mx.compile, shapeless=True)
+def _softmax_backward(probs: mx.array, cotangent: mx.array) -> mx.array:
+    return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
 
 
 class MLP(nn.Module):

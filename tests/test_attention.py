@@ -1,0 +1,47 @@
+"""The CPU attention (compiled softmax) equals MLX's fused attention, values and gradients."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from qwen_lora.model import attention_cpu
+
+KEYS = mx.random.split(mx.random.key(0), 4)
+Q = mx.random.normal((2, 14, 9, 64), key=KEYS[0]) * 2
+K = mx.random.normal((2, 2, 12, 64), key=KEYS[1]) * 2
+V = mx.random.normal((2, 2, 12, 64), key=KEYS[2])
+# Left-padding style: random holes, but every query keeps its last key.
+ALLOWED = (mx.random.uniform(shape=(2, 1, 9, 12), key=KEYS[3]) > 0.3) | (mx.arange(12) == 11)
+MASKS = {
+    "none": None,
+    "causal": "causal",
+    "boolean": ALLOWED,
+    "additive": mx.where(ALLOWED, 0.0, -1e9).astype(mx.float32),
+    "one-query-row": ALLOWED[:, :, :1],
+    "per-head": mx.broadcast_to(ALLOWED, (2, 14, 9, 12)),
+}
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_cpu_attention_equals_fused_attention(name):
+    mask = MASKS[name]
+
+    def ours(q, k, v):
+        return attention_cpu(q, k, v, 0.125, mask)
+
+    def fused(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+
+    weights = mx.random.normal((2, 14, 9, 64), key=mx.random.key(5))
+    assert mx.allclose(ours(Q, K, V), fused(Q, K, V), atol=1e-5)
+    for fn_ours, fn_fused in [(ours, fused), (mx.compile(ours), fused)]:
+        got = mx.grad(lambda *a, f=fn_ours: (f(*a) * weights).sum(), argnums=(0, 1, 2))(Q, K, V)
+        want = mx.grad(lambda *a, f=fn_fused: (f(*a) * weights).sum(), argnums=(0, 1, 2))(Q, K, V)
+        for g, w in zip(got, want, strict=True):
+            assert mx.allclose(g, w, atol=1e-4), mx.abs(g - w).max().item()
+
+
+def test_cpu_attention_rejects_unknown_mask_names():
+    with pytest.raises(ValueError, match="causal"):
+        attention_cpu(Q, K, V, 0.125, "upper")
