@@ -45,3 +45,16 @@ def test_cpu_attention_equals_fused_attention(name):
 def test_cpu_attention_rejects_unknown_mask_names():
     with pytest.raises(ValueError, match="causal"):
         attention_cpu(Q, K, V, 0.125, "upper")
+
+
+def test_training_mode_computes_what_inference_does(hf_tied):
+    """Training mode (CPU attention, compiled softmax) and eval mode (MLX's attention) give
+    the model the same logits."""
+    from qwen_lora import load
+
+    model = load(hf_tied, dtype="float32")
+    tokens = mx.array([[1, 5, 9, 2, 7, 3, 8, 4]])
+    inference = model(tokens)
+    model.train()
+    assert model.layers[0].self_attn.training
+    assert mx.allclose(model(tokens), inference, atol=1e-5)

@@ -49,7 +49,7 @@ class Attention(nn.Module):
                          scale=1.0, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if length > 1 and mx.default_device() == mx.cpu:
+        if self.training and mx.default_device() == mx.cpu:
             out = attention_cpu(q, k, v, self.scale, mask)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -63,10 +63,12 @@ class Attention(nn.Module):
 
 
 def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
-    """`mx.fast.scaled_dot_product_attention` for several queries on a CPU, where MLX has no
-    fused kernel and falls back to separate ops whose softmax evaluates each exponential in a
-    scalar loop. Here the softmax is a compiled kernel (`_softmax`): at Qwen2.5-0.5B, 512
-    positions, 34 -> 13 ms a layer on a 2-core EPYC. q (batch, heads, length, head_dim); k and
+    """`mx.fast.scaled_dot_product_attention` for training on a CPU, where MLX has no fused
+    kernel and falls back to separate ops whose softmax evaluates each exponential in a scalar
+    loop. Here the softmax is compiled into elementwise kernels with its own gradient: at
+    Qwen2.5-0.5B, 512 positions, 34 -> 13 ms a layer on a 2-core EPYC. Inference keeps MLX's
+    call: its softmax overwrites the scores in place, where this one holds both (a forward
+    pass over 512 positions peaked 42 MB higher). q (batch, heads, length, head_dim); k and
     v (batch, kv_heads, keys, head_dim); `mask` as the fast version takes it (None, "causal",
     boolean or additive, broadcastable to (batch, heads, length, keys)); every query must be
     allowed at least one key.
