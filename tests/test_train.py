@@ -259,16 +259,19 @@ def test_cross_entropy_equals_mlx_loss_and_gradient():
     assert mx.allclose(mx.compile(mx.grad(ours))(logits), mx.grad(theirs)(logits), atol=1e-6)
 
 
-def test_swiglu_training_gradients_equal_autodiff():
-    """The training-mode SwiGLU's own gradient (one compiled kernel) is autodiff's."""
-    from qwen_lora.model import _swiglu, _swiglu_checkpointed
+@pytest.mark.parametrize("name", ["_swiglu_own_gradient", "_swiglu_checkpointed"])
+def test_swiglu_training_gradients_equal_autodiff(name):
+    """The training-mode SwiGLUs (CPU: its own gradient in one compiled kernel; GPU: the
+    checkpointed one) compute autodiff's values and gradients."""
+    import qwen_lora.model as model_module
 
+    swiglu, training_swiglu = model_module._swiglu, getattr(model_module, name)
     keys = mx.random.split(mx.random.key(0), 3)
     gate, up, weights = (mx.random.normal((3, 40), key=k) * 4 for k in keys)
 
     def grads(fn):
         return mx.grad(lambda g, u: (fn(g, u) * weights).sum(), argnums=(0, 1))(gate, up)
 
-    assert mx.allclose(_swiglu_checkpointed(gate, up), _swiglu(gate, up))
-    for ours, theirs in zip(grads(_swiglu_checkpointed), grads(_swiglu), strict=True):
+    assert mx.allclose(training_swiglu(gate, up), swiglu(gate, up))
+    for ours, theirs in zip(grads(training_swiglu), grads(swiglu), strict=True):
         assert mx.allclose(ours, theirs, atol=1e-5)
