@@ -59,7 +59,7 @@ asv-machine: $(STAMP)
 # machines set OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) for older OpenBLAS builds that fail on
 # their processor; the scipy-openblas32 that qwen_lora installs is current (on an AVX-512 EPYC
 # it picks SkylakeX kernels: 413 GFLOP/s sgemm against 239 with the Haswell ones a machine
-# forces). Unset for the benchmark commands alone; `make bench BENCH_ENV=` keeps them.
+# forces). Unset for this target's asv run alone; `make bench BENCH_ENV=` keeps them.
 # `qwen-lora info` shows the kernels in use (blas_core).
 BENCH_ENV ?= env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from qwen_lora.backend import is_gpu
 from qwen_lora.model import Model
 from qwen_lora.sampling import Sampler
 
@@ -37,7 +38,7 @@ def _eval_cache(cache) -> None:
 
 def _pipelines() -> bool:
     """Whether to queue the next decoding step before reading the current token."""
-    return mx.default_device() != mx.cpu
+    return is_gpu()
 
 
 def _padded_prefill_mask(valid: np.ndarray, start: int, end: int) -> mx.array:

@@ -43,11 +43,18 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array,
     """
     hidden = model.model.norm(model.model(inputs))
     if hidden.dtype == mx.float32:
-        losses = cross_entropy(model.head(hidden), targets)
-        ntoks = mask.sum()
-        return (losses * mask).sum() / mx.maximum(ntoks, 1), ntoks
+        total = (cross_entropy(model.head(hidden), targets) * mask).sum()
+    else:
+        total = _sliced_head_loss(model, hidden, targets, mask)
+    ntoks = mask.sum()
+    return total / mx.maximum(ntoks, 1), ntoks
+
+
+def _sliced_head_loss(model: nn.Module, hidden: mx.array, targets: mx.array,
+                      mask: mx.array) -> mx.array:
+    """The masked sum of the losses, head and loss checkpointed `LOSS_CHUNK` positions at a time."""
     total = mx.array(0.0, dtype=mx.float32)
-    for start in range(0, inputs.shape[1], LOSS_CHUNK):
+    for start in range(0, hidden.shape[1], LOSS_CHUNK):
         end = start + LOSS_CHUNK
 
         def head_loss(h, t=targets[:, start:end], m=mask[:, start:end]):
@@ -59,8 +66,7 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array,
             return (losses * m).sum()
 
         total = total + mx.checkpoint(head_loss)(hidden[:, start:end])
-    ntoks = mask.sum()
-    return total / mx.maximum(ntoks, 1), ntoks
+    return total
 
 
 def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 0.01) -> optim.AdamW:
