@@ -41,6 +41,20 @@ def test_compiled_kernels_are_built_with_the_flags():
 
 
 @applies
+def test_compiled_kernels_keep_nan_and_infinity():
+    """The flags let GCC vectorize MLX's exp (inlined, its selects if-converted) but keep IEEE
+    semantics: NaN stays NaN, overflow is infinity (no -ffast-math)."""
+    x = mx.array([float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.5] * 4)
+
+    def fn(x):
+        return mx.exp(x * 1.0), mx.sigmoid(x + 0.0), mx.sqrt(x - 1.0)
+
+    for ours, eager in zip(mx.compile(fn, shapeless=True)(x), fn(x), strict=True):
+        assert mx.array_equal(ours, eager, equal_nan=True), (ours, eager)
+    assert mx.isnan(mx.compile(fn)(x)[0][0]).item()
+
+
+@applies
 def test_a_child_process_shares_the_kernel_directory():
     out = run_python("from qwen_lora.cpu_jit import jit_info; print(jit_info().kernel_dir)")
     assert out.returncode == 0, out.stderr

@@ -6,7 +6,9 @@ built for AVX2 (mlx/backend/cpu/jit_compiler.cpp); the x86-64 wheels on PyPI are
 their kernels evaluate every `fma` of MLX's exp and sigmoid polynomials through a libm call.
 Where the processor has these instructions, we put a `g++` first on PATH that adds the same
 flags: a LoRA training step of Qwen2.5-0.5B (sequence 512) took 8.5 s instead of 9.8 s on a
-2-core EPYC, and its sigmoid kernel runs at twice the rate.
+2-core EPYC, and its sigmoid kernel runs at twice the rate. It also adds what lets GCC turn
+a kernel's loop into AVX2 code (MLX writes one element per iteration and its exp stayed a
+call): a fused silu(gate) * up runs at 1.4-1.5 G elements/s instead of 0.13 there.
 
 MLX keeps built kernels in `<temp dir>/mlx/<version>/cpu` and reuses any it finds there by
 name, whatever flags built them. So this also points TMPDIR at a directory of our own, in
@@ -19,6 +21,7 @@ Python's `tempfile` keeps the temporary directory it had.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -29,7 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 JIT_ENV = "QWEN_LORA_CPU_JIT"
-FLAGS = ("-mavx2", "-mfma", "-mf16c")
+# The instruction sets, then what lets GCC vectorize a kernel's loop: inlining MLX's exp (its
+# default limit keeps it a call) and if-converting its selects (no FP traps, no errno: MLX
+# reads neither). Not -ffast-math, which would drop MLX's NaN and infinity checks.
+FLAGS = ("-mavx2", "-mfma", "-mf16c", "-finline-limit=1000", "-fno-trapping-math",
+         "-fno-math-errno")
 _CPU_FEATURES = ("avx2", "fma", "f16c")  # /proc/cpuinfo's names for what FLAGS use
 
 
@@ -105,7 +112,8 @@ def use_cpu_jit_flags(cache_dir: Path | None = None) -> JitInfo:
         _write_wrapper(wrapper, compiler)
         subprocess.run([str(wrapper), "--version"], check=True, capture_output=True)
         tmp_root = Path(tempfile.gettempdir())  # fixes Python's choice before TMPDIR changes
-        name = f"qwen_lora-{os.getuid()}-jit-{'-'.join(_CPU_FEATURES)}"
+        flags_id = hashlib.sha256(" ".join(FLAGS).encode()).hexdigest()[:8]
+        name = f"qwen_lora-{os.getuid()}-jit-{'-'.join(_CPU_FEATURES)}-{flags_id}"
         # A child of a process that did this inherits TMPDIR already pointing here.
         kernel_root = tmp_root if tmp_root.name == name else tmp_root / name
         kernel_root.mkdir(mode=0o700, exist_ok=True)

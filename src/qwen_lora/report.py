@@ -422,7 +422,8 @@ def section_header(ctx: Context) -> list[str]:
         "OpenBLAS by qwen_lora's BLAS shim for mlx-lm as for qwen_lora; on a GPU, float16",
         "- **CPU kernels**: `make bench` runs asv with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE "
         "unset, so OpenBLAS runs the processor's own kernels (`qwen-lora info`: blas_core); "
-        "MLX's compiled kernels are built with `-mavx2 -mfma -mf16c` (qwen_lora's cpu_jit.py) "
+        "MLX's compiled kernels are built with `-mavx2 -mfma -mf16c` and vectorizing flags "
+        "(qwen_lora's cpu_jit.py; `qwen-lora info`: cpu_jit_flags) "
         "for both MLX lines of a commit that has it",
         "",
         "### Software",
