@@ -10,6 +10,10 @@ from qwen_lora.cpu_jit import use_cpu_jit_flags as _use_cpu_jit_flags
 _load_fast_blas()
 _use_cpu_jit_flags()
 
+from qwen_lora.heap import keep_freed_memory as _keep_freed_memory  # noqa: E402
+
+_keep_freed_memory()  # after the BLAS: it imports mlx.core to see the device
+
 from qwen_lora.cache import KVCache, make_cache  # noqa: E402
 from qwen_lora.config import ModelConfig, preset  # noqa: E402
 from qwen_lora.errors import AdapterError, DataError, ModelLoadError, TrainingError  # noqa: E402

@@ -190,6 +190,7 @@ def info() -> dict[str, str]:
 
     from qwen_lora import __version__
     from qwen_lora.cpu_jit import jit_info
+    from qwen_lora.heap import heap_info
 
     blas = blas_info()
     jit = jit_info()
@@ -206,6 +207,7 @@ def info() -> dict[str, str]:
         "blas_core": blas_core() or "-",
         "cpu_jit_flags": " ".join(jit.flags) or "-",
         "cpu_jit_reason": jit.reason,
+        "malloc": heap_info().reason,
     }
     try:
         import mlx_lm

@@ -424,7 +424,8 @@ def section_header(ctx: Context) -> list[str]:
         "unset, so OpenBLAS runs the processor's own kernels (`qwen-lora info`: blas_core); "
         "MLX's compiled kernels are built with `-mavx2 -mfma -mf16c` and vectorizing flags "
         "(qwen_lora's cpu_jit.py; `qwen-lora info`: cpu_jit_flags) "
-        "for both MLX lines of a commit that has it",
+        "for both MLX lines of a commit that has it; from the commit that adds heap.py, malloc "
+        "keeps freed memory in every benchmark process (mlx-lm's and PyTorch's too)",
         "",
         "### Software",
         "",

@@ -1,0 +1,59 @@
+"""Freed memory stays in the process on glibc CPUs, so large MLX arrays reuse warm pages."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from qwen_lora.heap import heap_info
+
+glibc = pytest.mark.skipif(
+    sys.platform != "linux" or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    or mx.default_device() != mx.cpu,
+    reason="the setting applies to glibc's malloc on Linux, where MLX computes on the CPU")
+
+# Page faults of allocating a 64 MB MLX array a second time, after the first was freed.
+REFAULTS = """
+import resource
+import qwen_lora, mlx.core as mx
+from qwen_lora.heap import heap_info
+
+def fill():
+    a = mx.full((16 * 1024 * 1024,), 1.0)  # 64 MB: above glibc's largest mmap threshold
+    mx.eval(a)
+    return a.sum().item()
+
+fill()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+fill()
+print(heap_info().keeps_freed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def run(code: str, **env) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@glibc
+def test_freed_arrays_are_reused_without_page_faults():
+    keeps, faults = run(REFAULTS)
+    assert keeps == "True" and int(faults) < 1000  # 64 MB of fresh 4 KB pages: 16,384 faults
+    # glibc's default returns the block to the system, and the next one faults in again.
+    keeps, faults = run(REFAULTS, QWEN_LORA_MALLOC="default")
+    assert keeps == "False" and int(faults) > 8000
+
+
+def test_in_effect_here_or_says_why_not():
+    info = heap_info()
+    assert info.reason
+    if sys.platform == "linux" and hasattr(ctypes.CDLL(None), "gnu_get_libc_version") \
+            and "QWEN_LORA_MALLOC" not in os.environ:
+        assert info.keeps_freed == (mx.default_device() == mx.cpu), info.reason
