@@ -18,13 +18,15 @@ Batch = tuple[mx.array, mx.array, mx.array]  # inputs, targets (batch, length) a
 LOSS_CHUNK = 128  # positions per slice of half-precision logits (128 x 151,936 = 39 MB)
 
 
+@partial(mx.compile, shapeless=True)
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Per-position `logsumexp(logits) - logits[target]`, written out for float32 logits.
 
     One exponential per logit, as an elementwise op that `mx.compile` fuses with the
     subtraction: MLX's CPU `logsumexp` is a scalar loop that evaluates two per logit, and its
-    gradient a third. The maximum is a constant of the gradient (the result does not depend
-    on it), so no gradient flows through it.
+    gradient a third. Compiled here too, so that uncompiled callers (autodiff's own
+    value_and_grad) get the fused, vectorized kernel. The maximum is a constant of the
+    gradient (the result does not depend on it), so no gradient flows through it.
     """
     peak = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
     lse = mx.log(mx.exp(logits - peak).sum(axis=-1)) + peak.squeeze(-1)
