@@ -1,4 +1,4 @@
-"""Instruction-set flags for the CPU kernels that `mx.compile` builds on Linux x86-64.
+"""Compiler flags for the CPU kernels that `mx.compile` builds on Linux x86-64.
 
 On CPUs, `mx.compile` writes each fused elementwise kernel as C++ and builds it with the
 `g++` found on PATH. MLX adds `-mavx2 -mfma -mf16c` to that command only when MLX itself was
@@ -82,7 +82,7 @@ def _skip(reason: str) -> JitInfo:
 
 
 def use_cpu_jit_flags(cache_dir: Path | None = None) -> JitInfo:
-    """Make `mx.compile`'s CPU kernels use AVX2/FMA/F16C where the CPU has them; idempotent.
+    """Build `mx.compile`'s CPU kernels with FLAGS where the CPU has AVX2/FMA/F16C; idempotent.
 
     `cache_dir` (default: qwen_lora's user cache, beside the BLAS shim, which also has to be
     in a directory that allows executables) holds the `g++` wrapper. Returns what is in effect.
@@ -102,9 +102,14 @@ def use_cpu_jit_flags(cache_dir: Path | None = None) -> JitInfo:
     missing = [f for f in _CPU_FEATURES if f not in _cpu_features()]
     if missing:
         return _skip(f"the CPU lacks {', '.join(missing)}")
-    bin_dir = cache_dir / "jit-bin"
-    compiler = shutil.which("g++", path=os.environ.get("PATH", "").replace(
-        str(bin_dir) + os.pathsep, ""))
+    # Wrapper and kernels are named after the flags: two versions of qwen_lora running at
+    # once (asv builds of other commits) never build kernels with each other's flags.
+    flags_id = hashlib.sha256(" ".join(FLAGS).encode()).hexdigest()[:8]
+    bin_dir = cache_dir / f"jit-bin-{flags_id}"
+    search_path = os.pathsep.join(  # the real g++, not a wrapper of ours already on PATH
+        p for p in os.environ.get("PATH", "").split(os.pathsep)
+        if not (Path(p).parent == cache_dir and Path(p).name.startswith("jit-bin")))
+    compiler = shutil.which("g++", path=search_path)
     if compiler is None:
         return _skip("no g++ on PATH (MLX does not compile CPU kernels without it)")
     wrapper = bin_dir / "g++"
@@ -112,7 +117,6 @@ def use_cpu_jit_flags(cache_dir: Path | None = None) -> JitInfo:
         _write_wrapper(wrapper, compiler)
         subprocess.run([str(wrapper), "--version"], check=True, capture_output=True)
         tmp_root = Path(tempfile.gettempdir())  # fixes Python's choice before TMPDIR changes
-        flags_id = hashlib.sha256(" ".join(FLAGS).encode()).hexdigest()[:8]
         name = f"qwen_lora-{os.getuid()}-jit-{'-'.join(_CPU_FEATURES)}-{flags_id}"
         # A child of a process that did this inherits TMPDIR already pointing here.
         kernel_root = tmp_root if tmp_root.name == name else tmp_root / name

@@ -64,8 +64,13 @@ def keep_freed_memory() -> HeapInfo:
     if mx.default_device() != mx.cpu:
         return _skip("MLX's default device is a GPU (its allocator keeps its own cache)")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER)):
-        return _skip("mallopt refused the settings")
+    libc.mallopt.restype = ctypes.c_int
+    if not libc.mallopt(M_MMAP_MAX, 0):
+        return _skip("mallopt refused M_MMAP_MAX")
+    if not libc.mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER):  # half applied: say which half
+        _heap = HeapInfo(True, "glibc mallopt: no mmap for large blocks (M_TRIM_THRESHOLD "
+                               "refused: the heap is still trimmed)")
+        return _heap
     _heap = HeapInfo(True, "glibc mallopt: no mmap for large blocks, no heap trimming")
     return _heap
 

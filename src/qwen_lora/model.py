@@ -177,8 +177,8 @@ def _swiglu_own_gradient(gate: mx.array, up: mx.array) -> mx.array:
 def _swiglu_vjp(primals: tuple[mx.array, mx.array], cotangent: mx.array,
                 output: mx.array) -> tuple[mx.array, mx.array]:
     # Keeps only gate and up for the backward pass, as mx.checkpoint does, but computes the
-    # gradients in one compiled kernel instead of a recomputed forward and MLX's sigmoid,
-    # a scalar loop on CPUs.
+    # gradients in compiled kernels instead of a recomputed forward and MLX's sigmoid, a
+    # scalar loop on CPUs.
     return _swiglu_grads(*primals, cotangent)
 
 

@@ -24,9 +24,10 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 
     One exponential per logit, as an elementwise op that `mx.compile` fuses with the
     subtraction: MLX's CPU `logsumexp` is a scalar loop that evaluates two per logit, and its
-    gradient a third. Compiled here too, so that uncompiled callers (autodiff's own
-    value_and_grad) get the fused, vectorized kernel. The maximum is a constant of the
-    gradient (the result does not depend on it), so no gradient flows through it.
+    gradient a third. Compiled here too, so that a forward pass outside `mx.compile` gets
+    the fused, vectorized kernel (under an uncompiled value_and_grad MLX traces through
+    it). The maximum is a constant of the gradient (the result does not depend on it), so
+    no gradient flows through it.
     """
     peak = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
     lse = mx.log(mx.exp(logits - peak).sum(axis=-1)) + peak.squeeze(-1)
