@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
 import mlx.core as mx
 import numpy as np
+from subprocess_helpers import run_python
 
 from qwen_lora.backend import blas_info, default_dtype, info
-
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
 
 
 def best_times(fns, repeats=15):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from subprocess_helpers import run_python
 
 from qwen_lora.cpu_jit import FLAGS, _cpu_features, jit_info
 
@@ -18,11 +19,6 @@ applies = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64"
     or not {"avx2", "fma", "f16c"} <= _cpu_features() or shutil.which("g++") is None,
     reason="the flags apply to Linux x86-64 CPUs with AVX2, FMA and F16C, and g++")
-
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
 
 
 @applies

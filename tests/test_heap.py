@@ -5,17 +5,17 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
-import subprocess
 import sys
 
 import mlx.core as mx
 import pytest
+from subprocess_helpers import run_python
 
 from qwen_lora.heap import heap_info
 
+GLIBC = sys.platform == "linux" and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 glibc = pytest.mark.skipif(
-    sys.platform != "linux" or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-    or mx.default_device() != mx.cpu,
+    not GLIBC or mx.default_device() != mx.cpu,
     reason="the setting applies to glibc's malloc on Linux, where MLX computes on the CPU")
 
 # Page faults of allocating a 64 MB MLX array a second time, after the first was freed.
@@ -37,8 +37,7 @@ print(heap_info().keeps_freed, resource.getrusage(resource.RUSAGE_SELF).ru_minfl
 
 
 def run(code: str, **env) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, **env}, timeout=300)
+    out = run_python(code, **env)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
@@ -64,6 +63,5 @@ def test_freed_arrays_are_reused_without_page_faults():
 def test_in_effect_here_or_says_why_not():
     info = heap_info()
     assert info.reason
-    if sys.platform == "linux" and hasattr(ctypes.CDLL(None), "gnu_get_libc_version") \
-            and "QWEN_LORA_MALLOC" not in os.environ:
+    if GLIBC and "QWEN_LORA_MALLOC" not in os.environ:
         assert info.keeps_freed == (mx.default_device() == mx.cpu), info.reason

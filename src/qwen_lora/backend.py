@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BLAS_ENV = "QWEN_LORA_BLAS"
+OFF_VALUES = ("0", "off", "none", "false")  # what turns off a QWEN_LORA_* setting
 _SHIM_SOURCE = Path(__file__).with_name("_blas_shim.c")
 
 
@@ -97,7 +98,7 @@ def load_fast_blas() -> BlasInfo:
     if sys.platform != "linux":
         _blas = BlasInfo("platform", None, "not Linux: MLX uses Accelerate or its GPU backend")
         return _blas
-    if setting.lower() in ("0", "off", "none", "false"):
+    if setting.lower() in OFF_VALUES:
         _blas = BlasInfo("mlx-bundled", None, f"{BLAS_ENV}={setting}")
         return _blas
     if "mlx.core" in sys.modules:

@@ -90,12 +90,13 @@ def use_cpu_jit_flags(cache_dir: Path | None = None) -> JitInfo:
     global _jit
     if _jit is not None:
         return _jit
-    if cache_dir is None:
-        from qwen_lora.backend import cache_dir as default_cache_dir
+    from qwen_lora.backend import OFF_VALUES
+    from qwen_lora.backend import cache_dir as default_cache_dir
 
+    if cache_dir is None:
         cache_dir = default_cache_dir()
     setting = os.environ.get(JIT_ENV, "").strip().lower()
-    if setting in ("0", "off", "none", "false"):
+    if setting in OFF_VALUES:
         return _skip(f"{JIT_ENV}={setting}")
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return _skip("not Linux x86-64")
