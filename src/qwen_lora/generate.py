@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_lora.backend import is_gpu
+from qwen_lora.decode import decode_step
 from qwen_lora.model import Model
 from qwen_lora.sampling import Sampler
 
@@ -103,6 +104,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     prompt = mx.array(tokens, dtype=mx.int32)[None]
     cache = model.make_cache() if use_cache else None
     if use_cache:
+        decode = decode_step(model)
         logits = prefill(model, prompt, cache, prefill_chunk)
     else:
         logits = model(prompt, last_only=True)[:, -1, :]
@@ -113,7 +115,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     while True:
         last = generated + 1 >= max_tokens
         if pipeline and use_cache and not last:
-            next_logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+            next_logits = decode(y.reshape(1, 1), cache)
             mx.async_eval(next_logits)
         token = int(y.item())
         now = time.perf_counter()
@@ -135,7 +137,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
         tokens.append(token)
         if use_cache:
             if not pipeline:
-                next_logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+                next_logits = decode(y.reshape(1, 1), cache)
             y = sampler(next_logits)  # after the yield: a numpy sampler evaluates at once
             mx.async_eval(y)
         else:
@@ -197,6 +199,7 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
     padding = any(pads)
 
     cache = model.make_cache()
+    decode = decode_step(model)
     y = sampler(prefill(model, padded, cache, prefill_chunk, valid if padding else None))
     mx.async_eval(y)
     finished = [False] * batch
@@ -205,7 +208,7 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
     def forward(step: int, y: mx.array) -> mx.array:
         position = length + step  # where this step's tokens go
         mask = mx.array(valid[:, None, None, :position + 1]) if padding else None
-        return model(y[:, None], cache=cache, mask=mask)[:, -1, :]
+        return decode(y[:, None], cache, mask)
 
     for step in range(max_tokens):
         last = step + 1 == max_tokens

@@ -1,0 +1,123 @@
+"""The compiled decoding step computes what the model's forward pass computes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import qwen_lora
+from qwen_lora.decode import DecodeStep, decode_step
+from qwen_lora.generate import prefill
+from qwen_lora.lora import apply_lora
+
+PROMPT = [[5, 17, 42, 9, 250, 3, 77]]
+
+
+def _decode_both(model, tokens: list[int], prompt=PROMPT, mask_fn=None):
+    """Logits of each step, and the final caches, from the plain forward pass and from the
+    compiled step, fed the same tokens."""
+    results = []
+    for use_step in (False, True):
+        cache = model.make_cache()
+        prefill(model, mx.array(prompt), cache)
+        step = DecodeStep(model) if use_step else None
+        logits = []
+        for i, t in enumerate(tokens):
+            x = mx.array([[t]] * len(prompt))
+            mask = mask_fn(i) if mask_fn else None
+            out = (step(x, cache, mask) if step else
+                   model(x, cache=cache, mask=mask, last_only=True)[:, -1, :])
+            logits.append(np.array(out))
+        results.append((logits, [np.array(a) for c in cache for a in c.state]))
+    return results
+
+
+def _assert_same(results) -> None:
+    (plain, plain_cache), (compiled, compiled_cache) = results
+    for a, b in zip(plain, compiled, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    for a, b in zip(plain_cache, compiled_cache, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["plain", "fused", "lora", "quantized", "untied"])
+def test_step_equals_forward(tiny_dir, hf_untied, variant):
+    model = qwen_lora.load(hf_untied if variant == "untied" else tiny_dir,
+                           fuse_projections=variant == "fused")
+    if variant == "lora":
+        apply_lora(model, rank=4, targets=["q_proj", "v_proj", "o_proj", "down_proj"])
+        for layer in model.layers:  # B starts at zero: make the adapters count
+            for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.lora_b = mx.random.normal(proj.lora_b.shape, key=mx.random.key(1)) * 0.1
+        model.eval()
+    if variant == "quantized":
+        model.quantize(bits=8, group_size=32)
+    _assert_same(_decode_both(model, [11, 200, 7, 7, 31]))
+
+
+def test_step_with_padding_mask(tiny_dir):
+    model = qwen_lora.load(tiny_dir)
+    prompt = [[0, 0, 4, 8, 15, 16, 23], [1, 2, 3, 4, 5, 6, 7]]
+    valid = np.ones((2, len(prompt[0]) + 3), dtype=bool)
+    valid[0, :2] = False
+
+    def mask(i):
+        return mx.array(valid[:, None, None, :len(prompt[0]) + i + 1])
+
+    _assert_same(_decode_both(model, [9, 10, 11], prompt=prompt, mask_fn=mask))
+
+
+def test_step_reads_current_weights(tiny_dir):
+    """Weights are inputs of the compiled functions, not constants: new values count."""
+    model = qwen_lora.load(tiny_dir)
+    step = decode_step(model)
+    cache = model.make_cache()
+    prefill(model, mx.array(PROMPT), cache)
+    before = np.array(step(mx.array([[3]]), cache))
+    for c in cache:
+        c.trim(1)
+    mlp = model.layers[1].mlp
+    mlp.down_proj.weight = mlp.down_proj.weight * 3.0
+    after = np.array(step(mx.array([[3]]), cache))
+    for c in cache:
+        c.trim(1)
+    expected = np.array(model(mx.array([[3]]), cache=cache, last_only=True)[:, -1, :])
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_step_is_rebuilt_when_modules_change(tiny_dir):
+    model = qwen_lora.load(tiny_dir)
+    first = decode_step(model)
+    assert decode_step(model) is first
+    apply_lora(model, rank=4)
+    model.eval()
+    with_lora = decode_step(model)
+    assert with_lora is not first
+    assert decode_step(model) is with_lora
+    qwen_lora.fuse_lora(model)
+    assert decode_step(model) is not with_lora
+
+
+def test_training_mode_uses_the_plain_forward(tiny_dir):
+    model = qwen_lora.load(tiny_dir)
+    apply_lora(model, rank=4, dropout=0.5)  # new modules start in training mode: dropout
+    step = decode_step(model)
+    assert not isinstance(step, DecodeStep)
+    assert getattr(model, "_decode_step", None) is None
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_biased_projection_equals_linear(monkeypatch, gpu):
+    """The GPU spelling of a biased projection (matmul, then add) computes nn.Linear's."""
+    from qwen_lora import model as model_module
+
+    monkeypatch.setattr(model_module, "is_gpu", lambda: gpu)
+    layer = nn.Linear(16, 24, bias=True)
+    layer.bias = mx.random.normal((24,), key=mx.random.key(3))
+    layer.eval()
+    x = mx.random.normal((2, 3, 16), key=mx.random.key(4))
+    np.testing.assert_allclose(np.array(model_module._biased(layer, x)), np.array(layer(x)),
+                               rtol=1e-5, atol=1e-5)
