@@ -9,12 +9,11 @@
 # Results land in results/MACHINE_NAME/ and are copied to $OUT with the log.
 set -euo pipefail
 machine=$1; bench=$2; shift 2
-if [ ! -d .git/refs/heads/main ] && [ ! -f .git/refs/heads/main ]; then
-    rm -rf .git && git init -q
-    git fetch -q .gpu/g/repo.bundle HEAD
-    git update-ref refs/heads/main FETCH_HEAD
-    git symbolic-ref HEAD refs/heads/main
-fi
+# The bundle names the commit, even where the copy there has an older .git of its own.
+[ -d .git ] || git init -q
+git fetch -q .gpu/g/repo.bundle HEAD
+git update-ref refs/heads/main FETCH_HEAD
+git symbolic-ref HEAD refs/heads/main
 python=$(command -v python3)
 site=$("$python" -c 'import site; print(site.getsitepackages()[0])')
 echo "$PWD/src" > "$site/qwen_lora_src.pth"

@@ -75,11 +75,13 @@ class Attention(nn.Module):
 
 
 def _biased(layer: nn.Module, x: mx.array) -> mx.array:
-    """layer(x); for inference on a GPU, a plain linear layer with bias as a matmul and an
-    addition: nn.Linear's `mx.addmm` costs ~20 us more host time a call there than both
-    together (H200 host, MLX 0.32 CUDA), and decoding, host-bound, calls it once a layer a
-    token. Training keeps addmm (its compiled step is bound by the device)."""
-    if type(layer) is nn.Linear and "bias" in layer and not layer.training and is_gpu():
+    """layer(x); when decoding on a GPU (one position, inference), a plain linear layer with
+    bias as a matmul and an addition: nn.Linear's `mx.addmm` costs ~20 us more host time a
+    call there than both together (H200 host, MLX 0.32 CUDA), and decoding is host-bound.
+    Longer inputs keep addmm: a plain matmul over 512 positions raised the H100's forward
+    peak by ~30 MB (cuBLAS's workspace, we think), and training is bound by the device."""
+    if (type(layer) is nn.Linear and "bias" in layer and x.shape[-2] == 1
+            and not layer.training and is_gpu()):
         return x @ layer.weight.T + layer.bias
     return layer(x)
 
