@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qwen_lora
-from qwen_lora.decode import DecodeStep, decode_step
+from qwen_lora.decode import DecodeStep, decode_step, structure_key
 from qwen_lora.generate import prefill
 from qwen_lora.lora import apply_lora
 
@@ -121,3 +121,9 @@ def test_biased_projection_equals_linear(monkeypatch, gpu):
     x = mx.random.normal((2, 1, 16), key=mx.random.key(4))  # one position: decoding
     np.testing.assert_allclose(np.array(model_module._biased(layer, x)), np.array(layer(x)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_structure_key_lists_every_module(tiny_dir):
+    model = qwen_lora.load(tiny_dir)
+    apply_lora(model, rank=2)
+    assert sorted(structure_key(model)) == sorted(id(m) for m in model.modules())

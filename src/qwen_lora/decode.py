@@ -13,7 +13,7 @@ between them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -90,18 +90,32 @@ def _compiled(fn: Callable, modules: list[nn.Module]) -> Callable:
 def structure_key(model: Model) -> tuple[int, ...]:
     """Identifies the model's modules: applying or fusing LoRA, fusing projections and
     quantizing replace modules, and so change the key."""
-    return tuple(id(m) for m in model.modules())
+    return tuple(id(m) for m in _modules(model))
+
+
+def _modules(module: nn.Module) -> Iterator[nn.Module]:
+    # What `module.modules()` lists, in a sixth of its time (0.06 against 0.35 ms at 24
+    # layers here): generation calls it before every decoding loop.
+    yield module
+    for value in module.values():
+        if isinstance(value, nn.Module):
+            yield from _modules(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, nn.Module):
+                    yield from _modules(item)
 
 
 def decode_step(model: Model) -> Callable[..., mx.array]:
     """The model's compiled `DecodeStep`, built on first use and again after the model's
     modules changed; the plain forward pass while any module is in training mode (dropout
     draws random numbers, which a compiled function would repeat)."""
-    if any(m.training for m in model.modules()):
+    modules = list(_modules(model))
+    if any(m.training for m in modules):
         return lambda tokens, cache, mask=None: model(tokens, cache=cache, mask=mask,
                                                       last_only=True)[:, -1, :]
     step = getattr(model, "_decode_step", None)
-    if step is None or step.key != structure_key(model):
+    if step is None or step.key != tuple(map(id, modules)):
         step = DecodeStep(model)
         model._decode_step = step
     return step

@@ -81,10 +81,11 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
 
     `use_cache=False` recomputes the whole sequence for every token (what a KV cache saves).
     `stop_tokens` defaults to the model's EOS ids; pass `()` to always produce `max_tokens`.
-    On GPUs the next forward pass is queued before the current token is read
-    (`mx.async_eval`), so graph building overlaps the device's work. Not on CPUs: there MLX
-    computes most of a queued pass before returning, which would hold back every token,
-    the first included, by one pass.
+    Each new token goes through the model's compiled decoding step (`decode_step`, compiled
+    between the attention calls). On GPUs the next forward pass is queued before the current
+    token is read (`mx.async_eval`), so graph building overlaps the device's work. Not on
+    CPUs: there MLX computes most of a queued pass before returning, which would hold back
+    every token, the first included, by one pass.
     """
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -104,12 +105,13 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     prompt = mx.array(tokens, dtype=mx.int32)[None]
     cache = model.make_cache() if use_cache else None
     if use_cache:
-        decode = decode_step(model)
         logits = prefill(model, prompt, cache, prefill_chunk)
     else:
         logits = model(prompt, last_only=True)[:, -1, :]
     y = sampler(logits)
     mx.async_eval(y)
+    if use_cache and max_tokens > 1:  # while the device computes the first token
+        decode = decode_step(model)
     generated = 0
     ttft = first_done = previous = 0.0
     while True:
@@ -199,9 +201,9 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
     padding = any(pads)
 
     cache = model.make_cache()
-    decode = decode_step(model)
     y = sampler(prefill(model, padded, cache, prefill_chunk, valid if padding else None))
     mx.async_eval(y)
+    decode = decode_step(model)  # while the device computes the first tokens
     finished = [False] * batch
     pipeline = _pipelines()
 
