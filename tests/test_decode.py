@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
 import qwen_lora
+from qwen_lora.cache import make_cache
 from qwen_lora.decode import DecodeStep, decode_step, structure_key
 from qwen_lora.generate import prefill
 from qwen_lora.lora import apply_lora
+from qwen_lora.weights import init_model_dir
 
 PROMPT = [[5, 17, 42, 9, 250, 3, 77]]
 
 
-def _decode_both(model, tokens: list[int], prompt=PROMPT, mask_fn=None):
+def _decode_both(model, tokens: list[int], prompt=PROMPT, mask_fn=None, cache_step=256):
     """Logits of each step, and the final caches, from the plain forward pass and from the
     compiled step, fed the same tokens."""
     results = []
     for use_step in (False, True):
-        cache = model.make_cache()
+        cache = make_cache(len(model.layers), step=cache_step)
         prefill(model, mx.array(prompt), cache)
         step = DecodeStep(model) if use_step else None
         logits = []
@@ -127,3 +132,60 @@ def test_structure_key_lists_every_module(tiny_dir):
     model = qwen_lora.load(tiny_dir)
     apply_lora(model, rank=2)
     assert sorted(structure_key(model)) == sorted(id(m) for m in model.modules())
+
+
+def test_one_layer_and_cache_growth(tmp_path):
+    """No layer boundary to compile; the cache grows (steps of 4) while decoding."""
+    directory = init_model_dir(tmp_path, "tiny", dtype="float32", num_hidden_layers=1)
+    model = qwen_lora.load(directory)
+    _assert_same(_decode_both(model, [11, 200, 7, 7, 31, 2, 9, 4, 1, 5], cache_step=4))
+
+
+def test_batch_sizes_and_rebuild_after_quantize(tiny_dir):
+    model = qwen_lora.load(tiny_dir)
+    _assert_same(_decode_both(model, [3, 4]))
+    _assert_same(_decode_both(model, [3, 4], prompt=PROMPT * 2))  # a retrace for batch 2
+    step = decode_step(model)
+    model.quantize(bits=8, group_size=32)
+    assert decode_step(model) is not step
+    cache = model.make_cache()
+    prefill(model, mx.array(PROMPT), cache)
+    got = np.array(decode_step(model)(mx.array([[3]]), cache))
+    for c in cache:
+        c.trim(1)
+    expected = np.array(model(mx.array([[3]]), cache=cache, last_only=True)[:, -1, :])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dropped_model_is_freed_without_the_collector(tiny_dir):
+    """The cached step holds the model's modules, not the model: no reference cycle."""
+    model = qwen_lora.load(tiny_dir)
+    qwen_lora.generate(model, PROMPT[0], 3)
+    assert isinstance(model._decode_step, DecodeStep)
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_bad_input(tiny_dir):
+    model = qwen_lora.load(tiny_dir)
+    step = decode_step(model)
+    cache = model.make_cache()
+    prefill(model, mx.array(PROMPT), cache)
+    with pytest.raises(ValueError, match=r"shape \(batch, 1\)"):
+        step(mx.array([3, 4]), cache)
+    with pytest.raises(ValueError, match="cache has 1 layers"):
+        step(mx.array([[3]]), cache[:1])
+    np.testing.assert_allclose(  # the model is intact after the refused calls
+        np.array(step(mx.array([[3]]), cache)),
+        np.array(DecodeStep(model)(mx.array([[3]]), _prefilled(model))), rtol=1e-5, atol=1e-5)
+
+
+def _prefilled(model):
+    cache = model.make_cache()
+    prefill(model, mx.array(PROMPT), cache)
+    return cache

@@ -13,6 +13,7 @@ between them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -29,53 +30,65 @@ class DecodeStep:
     `cache`: what `model(tokens, cache=cache, last_only=True)[:, -1, :]` computes.
 
     Built for one model structure (see `decode_step`); reads the weights at every call, so
-    updates of their values (training, loading adapters) are seen.
+    updates of their values (training, loading adapters) are seen. Plain attributes (a LoRA
+    layer's `scale`) are fixed when a function is first traced. Holds the model's modules,
+    not the model: no reference cycle keeps a dropped model alive.
     """
 
     def __init__(self, model: Model) -> None:
         self.key = structure_key(model)
-        self.model = model
-        layers = model.layers
-        embed = model.model.embed_tokens
-        head = embed if model.config.tie_word_embeddings else model.lm_head
-        self._first = _compiled(self._embed_and_project, [embed, layers[0]])
-        self._between = [_compiled(self._layer_boundary(i), [layers[i], layers[i + 1]])
-                         for i in range(len(layers) - 1)]
-        self._last = _compiled(self._finish, [layers[-1], model.model.norm, head])
+        self.layers = list(model.layers)
+        if not self.layers:
+            raise ValueError("the model has no layers")
+        embed, norm = model.model.embed_tokens, model.model.norm
+        tied = model.config.tie_word_embeddings
+        head_module = embed if tied else model.lm_head
+        head = embed.as_linear if tied else head_module  # as Model.head, without the model
+        self._first = _compiled(_embed_and_project(embed, self.layers[0]),
+                                [embed, self.layers[0]])
+        self._between = [_compiled(_layer_boundary(this, following), [this, following])
+                         for this, following in itertools.pairwise(self.layers)]
+        self._last = _compiled(_finish(self.layers[-1], norm, head),
+                               [self.layers[-1], norm, head_module])
 
     def __call__(self, tokens: mx.array, cache: Sequence[KVCache],
                  mask: Mask = None) -> mx.array:
+        if tokens.ndim != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"tokens must have shape (batch, 1), got {tuple(tokens.shape)}")
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         x, q, k, v = self._first(tokens, offset)
-        layers = self.model.layers
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.layers):
             k, v = cache[i].update_and_fetch(k, v)
             out = layer.self_attn.attend(q, k, v, mask)
-            if i + 1 == len(layers):
-                return self._last(x, out)
-            x, q, k, v = self._between[i](x, out, offset)
-        raise ValueError("the model has no layers")
+            if i < len(self._between):
+                x, q, k, v = self._between[i](x, out, offset)
+        return self._last(x, out)
 
-    def _embed_and_project(self, tokens: mx.array, offset: mx.array
-                           ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        x = self.model.model.embed_tokens(tokens)
-        return (x, *_project(self.model.layers[0], x, offset))
 
-    def _layer_boundary(self, i: int) -> Callable[..., tuple[mx.array, ...]]:
-        """Layer i after its attention, then layer i + 1 up to its attention."""
-        this, following = self.model.layers[i], self.model.layers[i + 1]
+def _embed_and_project(embed: nn.Module, first: nn.Module) -> Callable[..., tuple]:
+    """Token embedding, then the first layer up to its attention."""
+    def run(tokens: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+        x = embed(tokens)
+        return (x, *_project(first, x, offset))
+    return run
 
-        def boundary(x: mx.array, out: mx.array, offset: mx.array
-                     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-            h = this.feed_forward(x + this.self_attn.output(out))
-            return (h, *_project(following, h, offset))
 
-        return boundary
+def _layer_boundary(this: nn.Module, following: nn.Module) -> Callable[..., tuple]:
+    """Layer `this` after its attention, then layer `following` up to its attention."""
+    def run(x: mx.array, out: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+        h = this.feed_forward(x + this.self_attn.output(out))
+        return (h, *_project(following, h, offset))
+    return run
 
-    def _finish(self, x: mx.array, out: mx.array) -> mx.array:
-        last = self.model.layers[-1]
+
+def _finish(last: nn.Module, norm: nn.Module, head: Callable) -> Callable[..., mx.array]:
+    """The last layer after its attention, the final norm and the output head."""
+    def run(x: mx.array, out: mx.array) -> mx.array:
         h = last.feed_forward(x + last.self_attn.output(out))
-        return self.model.head(self.model.model.norm(h[:, -1:, :]))[:, -1, :]
+        return head(norm(h[:, -1:, :]))[:, -1, :]
+    return run
 
 
 def _project(layer: nn.Module, x: mx.array, offset: mx.array) -> Heads:

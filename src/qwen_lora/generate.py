@@ -81,8 +81,9 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
 
     `use_cache=False` recomputes the whole sequence for every token (what a KV cache saves).
     `stop_tokens` defaults to the model's EOS ids; pass `()` to always produce `max_tokens`.
-    Each new token goes through the model's compiled decoding step (`decode_step`, compiled
-    between the attention calls). On GPUs the next forward pass is queued before the current
+    With the cache, each new token goes through the model's decoding step (`decode_step`:
+    compiled between the attention calls; the plain forward pass while a module is in
+    training mode). On GPUs the next forward pass is queued before the current
     token is read (`mx.async_eval`), so graph building overlaps the device's work. Not on
     CPUs: there MLX computes most of a queued pass before returning, which would hold back
     every token, the first included, by one pass.
