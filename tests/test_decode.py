@@ -49,7 +49,9 @@ def _assert_same(results) -> None:
 
 @pytest.mark.parametrize("variant", ["plain", "fused", "lora", "quantized", "untied"])
 def test_step_equals_forward(tiny_dir, hf_untied, variant):
-    model = qwen_lora.load(hf_untied if variant == "untied" else tiny_dir,
+    # float32 on every device: the step matches the forward pass to rounding there (the
+    # half-precision CUDA kernels of fused models are checked in test_cuda_decode.py)
+    model = qwen_lora.load(hf_untied if variant == "untied" else tiny_dir, dtype="float32",
                            fuse_projections=variant == "fused")
     if variant == "lora":
         apply_lora(model, rank=4, targets=["q_proj", "v_proj", "o_proj", "down_proj"])

@@ -8,7 +8,8 @@ work, but a compiled function has fixed shapes, and attention reads a cache that
 token every step. So the step is cut at attention: everything from one attention call to the
 next (output projection, residuals, feed-forward, norm, the next layer's projections and
 rotations) is one compiled function, and attention with its cache update runs as usual
-between them.
+between them. On MLX's CUDA backend those functions use the fused kernels of
+`qwen_lora.cuda_decode` where the model allows (three kernels a layer instead of ~10).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_lora import cuda_decode
 from qwen_lora.cache import KVCache
 from qwen_lora.model import Mask, Model
 
@@ -44,11 +46,16 @@ class DecodeStep:
         tied = model.config.tie_word_embeddings
         head_module = embed if tied else model.lm_head
         head = embed.as_linear if tied else head_module  # as Model.head, without the model
-        self._first = _compiled(_embed_and_project(embed, self.layers[0]),
+        self.fused = (cuda_decode.available()
+                      and all(cuda_decode.supports(layer) for layer in self.layers))
+        attn = self.layers[0].self_attn
+        parts = _Parts(self.fused, cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
+                       if self.fused else None)
+        self._first = _compiled(_embed_and_project(embed, self.layers[0], parts),
                                 [embed, self.layers[0]])
-        self._between = [_compiled(_layer_boundary(this, following), [this, following])
+        self._between = [_compiled(_layer_boundary(this, following, parts), [this, following])
                          for this, following in itertools.pairwise(self.layers)]
-        self._last = _compiled(_finish(self.layers[-1], norm, head),
+        self._last = _compiled(_finish(self.layers[-1], norm, head, parts),
                                [self.layers[-1], norm, head_module])
 
     def __call__(self, tokens: mx.array, cache: Sequence[KVCache],
@@ -67,32 +74,55 @@ class DecodeStep:
         return self._last(x, out)
 
 
-def _embed_and_project(embed: nn.Module, first: nn.Module) -> Callable[..., tuple]:
+class _Parts:
+    """The two halves of a layer's decoding step: MLX operations, or the fused CUDA kernels."""
+
+    def __init__(self, fused: bool, inv_freq: mx.array | None) -> None:
+        self.fused = fused
+        self.inv_freq = inv_freq
+
+    def project(self, layer: nn.Module, x: mx.array, offset: mx.array) -> Heads:
+        """The layer up to its attention: norm, q/k/v projections, rope."""
+        if self.fused:
+            return cuda_decode.rms_qkv_rope(x, layer.input_layernorm, layer.self_attn, offset,
+                                            self.inv_freq)
+        return layer.self_attn.project(layer.input_layernorm(x), offset)
+
+    def finish(self, layer: nn.Module, x: mx.array, out: mx.array) -> mx.array:
+        """The layer after its attention: output projection, residual, feed-forward."""
+        if self.fused:
+            h = cuda_decode.matvec_add(out, layer.self_attn.o_proj, x)
+            act = cuda_decode.rms_swiglu(h, layer.post_attention_layernorm,
+                                         layer.mlp.gate_up_proj)
+            return cuda_decode.matvec_add(act, layer.mlp.down_proj, h)
+        return layer.feed_forward(x + layer.self_attn.output(out))
+
+
+def _embed_and_project(embed: nn.Module, first: nn.Module, parts: _Parts
+                       ) -> Callable[..., tuple]:
     """Token embedding, then the first layer up to its attention."""
     def run(tokens: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
         x = embed(tokens)
-        return (x, *_project(first, x, offset))
+        return (x, *parts.project(first, x, offset))
     return run
 
 
-def _layer_boundary(this: nn.Module, following: nn.Module) -> Callable[..., tuple]:
+def _layer_boundary(this: nn.Module, following: nn.Module, parts: _Parts
+                    ) -> Callable[..., tuple]:
     """Layer `this` after its attention, then layer `following` up to its attention."""
     def run(x: mx.array, out: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
-        h = this.feed_forward(x + this.self_attn.output(out))
-        return (h, *_project(following, h, offset))
+        h = parts.finish(this, x, out)
+        return (h, *parts.project(following, h, offset))
     return run
 
 
-def _finish(last: nn.Module, norm: nn.Module, head: Callable) -> Callable[..., mx.array]:
+def _finish(last: nn.Module, norm: nn.Module, head: Callable, parts: _Parts
+            ) -> Callable[..., mx.array]:
     """The last layer after its attention, the final norm and the output head."""
     def run(x: mx.array, out: mx.array) -> mx.array:
-        h = last.feed_forward(x + last.self_attn.output(out))
+        h = parts.finish(last, x, out)
         return head(norm(h[:, -1:, :]))[:, -1, :]
     return run
-
-
-def _project(layer: nn.Module, x: mx.array, offset: mx.array) -> Heads:
-    return layer.self_attn.project(layer.input_layernorm(x), offset)
 
 
 def _compiled(fn: Callable, modules: list[nn.Module]) -> Callable:

@@ -1,0 +1,259 @@
+"""Fused CUDA kernels for one decoding step on MLX's CUDA backend.
+
+Decoding a token on a GPU is bound by host time: MLX spends microseconds of CPU per
+operation, more than the kernels take (H100: ~2.3 ms a token, of which ~0.4 ms on the
+device). Between two attention calls a layer runs ~10 kernels (norms, matmuls, bias, rope,
+residual adds, SwiGLU) even compiled; here they are three, each a matrix-vector product with
+its neighbours folded in:
+
+- `rms_qkv_rope`: RMSNorm, the fused q/k/v projection with its bias, rope of queries and keys;
+- `matvec_add`: a projection plus the residual (attention output and down projection);
+- `rms_swiglu`: RMSNorm, the fused gate/up projection and silu(gate) * up.
+
+One block of threads computes two output rows (a rope pair, a gate/up pair) for every
+sequence of the batch, its threads splitting the dot products, accumulating in float32;
+weights are read once per step. Used by `DecodeStep` for models
+whose projections are fused (`Model.fuse_projections`), plain (not LoRA, not quantized) and
+in half precision; anything else keeps the compiled MLX operations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MAX_BATCH = 8  # sequences per kernel call; larger batches keep MLX's matmuls
+THREADS = 128  # per block, as QL_THREADS in the kernels
+HALF_TYPES = (mx.float16, mx.bfloat16)
+
+_HEADER = """
+#define QL_THREADS 128  // a block: its threads split the dot products' K between them
+
+template <typename T>
+__device__ inline void ql_load8(const T* p, bool vec, float* out) {
+  if (vec) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(p[j]);
+  }
+}
+
+__device__ inline bool ql_aligned(const void* p) {
+  return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// This thread's share, over K, of three sums per sequence b of x (B, K):
+// acc[b] = sum x^2, acc[B + b] = dot(w0, x * nw), acc[2B + b] = dot(w1, x * nw)
+// (x alone without NORM).
+template <typename T, int B, int K, bool NORM>
+__device__ inline void ql_partials(const T* w0, const T* w1, const T* x, const T* nw,
+                                   bool vec, float* acc) {
+#pragma unroll
+  for (int i = 0; i < 3 * B; ++i) acc[i] = 0.f;
+  for (int k = threadIdx.x * 8; k < K; k += QL_THREADS * 8) {
+    float u[8], v[8], n[8];
+    ql_load8(w0 + k, vec, u);
+    ql_load8(w1 + k, vec, v);
+    if (NORM) ql_load8(nw + k, vec, n);
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float xs[8];
+      ql_load8(x + b * K + k, vec, xs);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (NORM) acc[b] += xs[j] * xs[j];
+        float xj = NORM ? xs[j] * n[j] : xs[j];
+        acc[B + b] += u[j] * xj;
+        acc[2 * B + b] += v[j] * xj;
+      }
+    }
+  }
+}
+
+// Sums each of the N values over the block's threads; every thread gets the totals.
+template <int N>
+__device__ inline void ql_block_sum(float* v) {
+  __shared__ float part[QL_THREADS / 32][N];
+  int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float s = v[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) part[warp][i] = s;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < QL_THREADS / 32; ++w) s += part[w][i];
+    v[i] = s;
+  }
+}
+"""
+
+# y (B, N) = res + x (B, K) @ w (N, K)^T; one block per pair of rows.
+_MATVEC_ADD = """
+  int r0 = 2 * blockIdx.x, r1 = min(r0 + 1, N - 1);
+  bool vec = ql_aligned(x) && ql_aligned(w);
+  float acc[3 * B];
+  ql_partials<T, B, K, false>(w + (size_t)r0 * K, w + (size_t)r1 * K, x, x, vec, acc);
+  ql_block_sum<3 * B>(acc);
+  int b = threadIdx.x;
+  if (b < B) {
+    y[b * N + r0] = static_cast<T>(acc[B + b] + static_cast<float>(res[b * N + r0]));
+    if (r1 != r0) {
+      y[b * N + r1] = static_cast<T>(acc[2 * B + b] + static_cast<float>(res[b * N + r1]));
+    }
+  }
+"""
+
+# act (B, I) = silu(g) * u with [g | u] = rmsnorm(x) @ w^T, w (2I, K); one block per i.
+_RMS_SWIGLU = """
+  int i = blockIdx.x;
+  bool vec = ql_aligned(x) && ql_aligned(w) && ql_aligned(nw);
+  float acc[3 * B];
+  ql_partials<T, B, K, true>(w + (size_t)i * K, w + (size_t)(i + I) * K, x, nw, vec, acc);
+  ql_block_sum<3 * B>(acc);
+  int b = threadIdx.x;
+  if (b < B) {
+    float rinv = rsqrtf(acc[b] / K + eps[0]);
+    float gate = acc[B + b] * rinv, up = acc[2 * B + b] * rinv;
+    act[b * I + i] = static_cast<T>(gate / (1.f + expf(-gate)) * up);
+  }
+"""
+
+# q, k, v (B, heads, 1, HD) = rmsnorm(x) @ w^T + bias, queries and keys rotated for position
+# offset[0] (rope over the whole head, halves paired); one block per pair (p, p + HD / 2).
+_RMS_QKV_ROPE = """
+  constexpr int HALF = HD / 2;
+  int head = blockIdx.x / HALF, p = blockIdx.x % HALF;
+  int r0 = head * HD + p, r1 = r0 + HALF;
+  bool vec = ql_aligned(x) && ql_aligned(w) && ql_aligned(nw);
+  float acc[3 * B];
+  ql_partials<T, B, K, true>(w + (size_t)r0 * K, w + (size_t)r1 * K, x, nw, vec, acc);
+  ql_block_sum<3 * B>(acc);
+  int b = threadIdx.x;
+  if (b >= B) return;
+  float c = 1.f, s = 0.f;
+  if (head < NQ + NKV) sincosf(static_cast<float>(offset[0]) * inv_freq[p], &s, &c);
+  float rinv = rsqrtf(acc[b] / K + eps[0]);
+  float y0 = acc[B + b] * rinv + static_cast<float>(bias[r0]);
+  float y1 = acc[2 * B + b] * rinv + static_cast<float>(bias[r1]);
+  T* out;
+  if (head < NQ) out = q + (b * NQ + head) * HD;
+  else if (head < NQ + NKV) out = k + (b * NKV + head - NQ) * HD;
+  else out = v + (b * NKV + head - NQ - NKV) * HD;
+  out[p] = static_cast<T>(y0 * c - y1 * s);
+  out[p + HALF] = static_cast<T>(y1 * c + y0 * s);
+"""
+
+
+@functools.cache
+def _kernels() -> dict[str, object]:
+    def make(name: str, inputs: list[str], outputs: list[str], source: str) -> object:
+        return mx.fast.cuda_kernel(name=f"qwen_lora_{name}", input_names=inputs,
+                                   output_names=outputs, source=source, header=_HEADER)
+    return {
+        "matvec_add": make("matvec_add", ["x", "w", "res"], ["y"], _MATVEC_ADD),
+        "rms_swiglu": make("rms_swiglu", ["x", "nw", "eps", "w"], ["act"], _RMS_SWIGLU),
+        "rms_qkv_rope": make("rms_qkv_rope",
+                             ["x", "nw", "eps", "w", "bias", "offset", "inv_freq"],
+                             ["q", "k", "v"], _RMS_QKV_ROPE),
+    }
+
+
+def _launch(name: str, inputs: list[mx.array], blocks: int, outputs: list[tuple],
+            dtype: mx.Dtype, **constants: int) -> list[mx.array]:
+    return _kernels()[name](
+        inputs=inputs, template=[("T", dtype), *constants.items()],
+        grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=outputs, output_dtypes=[dtype] * len(outputs))
+
+
+def available() -> bool:
+    """Whether MLX computes on a CUDA GPU here."""
+    cuda = getattr(mx, "cuda", None)
+    return (cuda is not None and cuda.is_available()
+            and mx.default_device().type == mx.DeviceType.gpu)
+
+
+def supports(layer: nn.Module) -> bool:
+    """Whether the kernels can run `layer`: fused, plain projections in half precision, with
+    sizes the kernels' 16-byte loads divide."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [attn.get("qkv_proj"), attn.get("o_proj"), mlp.get("gate_up_proj"),
+               mlp.get("down_proj")]
+    if not all(type(p) is nn.Linear for p in linears):
+        return False
+    qkv, o_proj, gate_up, down = linears
+    dtype = qkv.weight.dtype
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    return (dtype in HALF_TYPES
+            and all(p.weight.dtype == dtype for p in linears)
+            and all(type(n) is nn.RMSNorm and n.weight.dtype == dtype for n in norms)
+            and "bias" in qkv and "bias" not in o_proj and "bias" not in gate_up
+            and "bias" not in down
+            and attn.head_dim % 2 == 0
+            and qkv.bias.dtype == dtype
+            and all(p.weight.shape[1] % 8 == 0 for p in linears))
+
+
+def _rows(x: mx.array) -> mx.array:
+    return x.reshape(x.shape[0], -1)
+
+
+def matvec_add(x: mx.array, linear: nn.Linear, res: mx.array) -> mx.array:
+    """res + linear(x) for one position per sequence: x (batch, 1, K) or attention's output
+    (batch, heads, 1, head_dim), res (batch, 1, N)."""
+    batch, n = x.shape[0], linear.weight.shape[0]
+    if batch > MAX_BATCH:
+        return res + linear(_rows(x)[:, None, :])
+    (y,) = _launch("matvec_add", [_rows(x), linear.weight, _rows(res)], (n + 1) // 2,
+                   [(batch, n)], x.dtype, B=batch, K=linear.weight.shape[1], N=n)
+    return y.reshape(batch, 1, n)
+
+
+def _norm_inputs(norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+    return norm.weight, mx.array([norm.eps], dtype=mx.float32)
+
+
+def rms_swiglu(x: mx.array, norm: nn.RMSNorm, gate_up: nn.Linear) -> mx.array:
+    """silu(gate) * up of `gate_up(norm(x))` for x (batch, 1, K)."""
+    batch, dim = x.shape[0], x.shape[-1]
+    hidden = gate_up.weight.shape[0] // 2
+    if batch > MAX_BATCH:
+        gate, up = mx.split(gate_up(norm(x)), 2, axis=-1)
+        return nn.silu(gate) * up
+    (act,) = _launch("rms_swiglu", [_rows(x), *_norm_inputs(norm), gate_up.weight], hidden,
+                     [(batch, hidden)], x.dtype, B=batch, K=dim, I=hidden)
+    return act.reshape(batch, 1, hidden)
+
+
+def rope_frequencies(head_dim: int, base: float) -> mx.array:
+    """Rotation speeds of the first half of a head's dimensions (the non-traditional rope)."""
+    return mx.power(mx.array(base, dtype=mx.float32),
+                    -mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+
+
+def rms_qkv_rope(x: mx.array, norm: nn.RMSNorm, attn: nn.Module, offset: mx.array,
+                 inv_freq: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Queries, keys and values (batch, heads, 1, head_dim) of `attn.qkv_proj(norm(x))`,
+    queries and keys rotated for position `offset` (an int32 array of one value)."""
+    batch, dim = x.shape[0], x.shape[-1]
+    hd, nq, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+    if batch > MAX_BATCH:
+        return attn.project(norm(x), offset)
+    inputs = [_rows(x), *_norm_inputs(norm), attn.qkv_proj.weight, attn.qkv_proj.bias,
+              offset.reshape(1), inv_freq]
+    shapes = [(batch, nq, 1, hd), (batch, nkv, 1, hd), (batch, nkv, 1, hd)]
+    q, k, v = _launch("rms_qkv_rope", inputs, (nq + 2 * nkv) * hd // 2, shapes, x.dtype,
+                      B=batch, K=dim, HD=hd, NQ=nq, NKV=nkv)
+    return q, k, v

@@ -1,0 +1,112 @@
+"""The fused CUDA decoding kernels compute what MLX's operations compute (GPU tests skip
+where MLX has no CUDA device; which layers qualify is checked everywhere)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import qwen_lora
+from qwen_lora import cuda_decode
+from qwen_lora.cache import make_cache
+from qwen_lora.config import preset
+from qwen_lora.decode import DecodeStep
+from qwen_lora.generate import prefill
+from qwen_lora.lora import apply_lora
+from qwen_lora.model import DecoderLayer
+
+needs_cuda = pytest.mark.skipif(not cuda_decode.available(),
+                                reason="needs MLX's CUDA backend")
+TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # of the largest value compared
+
+
+def _close(got: mx.array, want: mx.array, dtype: mx.Dtype) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= TOLERANCE[dtype] * np.abs(want).max()
+
+
+def _random_layer(name: str, dtype: mx.Dtype) -> DecoderLayer:
+    """One fused decoder layer of the preset's sizes, every parameter random."""
+    layer = DecoderLayer(preset(name))
+    params = nn.utils.tree_flatten(layer.parameters())
+    for i, (path, p) in enumerate(params):
+        noise = mx.random.normal(p.shape, key=mx.random.key(i))
+        scale = 1.0 if path.endswith("bias") else 0.3 if "norm" in path else 0.05
+        value = (1.0 + noise * scale) if "norm" in path else noise * scale
+        layer.update(nn.utils.tree_unflatten([(path, value.astype(dtype))]))
+    layer.self_attn.fuse()
+    layer.mlp.fuse()
+    layer.eval()
+    return layer
+
+
+def test_supports_only_fused_plain_half_precision_layers(tiny_dir):
+    model = qwen_lora.load(tiny_dir, dtype="float16")
+    assert not any(cuda_decode.supports(layer) for layer in model.layers)  # not fused
+    assert all(cuda_decode.supports(layer) for layer in model.fuse_projections().layers)
+    float32 = qwen_lora.load(tiny_dir, dtype="float32", fuse_projections=True)
+    assert not cuda_decode.supports(float32.layers[0])
+    quantized = qwen_lora.load(tiny_dir, dtype="float16", fuse_projections=True).quantize(8)
+    assert not cuda_decode.supports(quantized.layers[0])
+    adapted = qwen_lora.load(tiny_dir, dtype="float16")
+    apply_lora(adapted, rank=4, targets=["o_proj"])
+    assert not cuda_decode.supports(adapted.layers[0])
+
+
+def test_unused_without_a_cuda_device(tiny_dir):
+    if cuda_decode.available():
+        pytest.skip("a CUDA device is present")
+    model = qwen_lora.load(tiny_dir, dtype="float16", fuse_projections=True)
+    assert not DecodeStep(model).fused
+
+
+@needs_cuda
+@pytest.mark.parametrize("sizes", ["tiny", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, cuda_decode.MAX_BATCH + 1])
+def test_kernels_equal_mlx_operations(sizes, dtype, batch):
+    layer = _random_layer(sizes, dtype)
+    attn, mlp = layer.self_attn, layer.mlp
+    dim = layer.input_layernorm.weight.shape[0]
+    key = mx.random.key(batch)
+    x = mx.random.normal((batch, 1, dim), key=key).astype(dtype)
+    offset = mx.array(301, dtype=mx.int32)
+
+    inv_freq = cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
+    got = cuda_decode.rms_qkv_rope(x, layer.input_layernorm, attn, offset, inv_freq)
+    want = attn.project(layer.input_layernorm(x), offset)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, dtype)
+
+    gate, up = mx.split(mlp.gate_up_proj(layer.post_attention_layernorm(x)), 2, axis=-1)
+    act = cuda_decode.rms_swiglu(x, layer.post_attention_layernorm, mlp.gate_up_proj)
+    _close(act, nn.silu(gate) * up, dtype)
+
+    out = mx.random.normal((batch, attn.n_heads, 1, attn.head_dim),
+                           key=mx.random.key(batch + 100)).astype(dtype)
+    _close(cuda_decode.matvec_add(out, attn.o_proj, x), x + attn.output(out), dtype)
+    _close(cuda_decode.matvec_add(act, mlp.down_proj, x), x + mlp.down_proj(act), dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_step_equals_forward(tiny_dir, dtype, batch):
+    model = qwen_lora.load(tiny_dir, dtype=dtype, fuse_projections=True)
+    step = DecodeStep(model)
+    assert step.fused
+    prompt = mx.array([[5, 17, 42, 9, 250, 3, 77]] * batch)
+    caches = [make_cache(len(model.layers)) for _ in range(2)]
+    for cache in caches:
+        prefill(model, prompt, cache)
+    for token in (7, 300, 12, 12, 99):
+        tokens = mx.array([[token]] * batch)
+        _close(step(tokens, caches[0]),
+               model(tokens, cache=caches[1], last_only=True)[:, -1, :], dtype)
+    for fused, plain in zip(caches[0], caches[1], strict=True):
+        for a, b in zip(fused.state, plain.state, strict=True):
+            _close(a[..., :fused.offset, :], b[..., :plain.offset, :], dtype)
