@@ -57,6 +57,11 @@ def test_supports_only_fused_plain_half_precision_layers(tiny_dir):
     assert not cuda_decode.supports(adapted.layers[0])
 
 
+def test_off_switch(monkeypatch):
+    monkeypatch.setenv("QWEN_LORA_CUDA_KERNELS", "off")
+    assert not cuda_decode.available()
+
+
 def test_unused_without_a_cuda_device(tiny_dir):
     if cuda_decode.available():
         pytest.skip("a CUDA device is present")

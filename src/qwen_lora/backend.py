@@ -189,7 +189,7 @@ def info() -> dict[str, str]:
     """What `qwen-lora info` prints: device, dtype, BLAS and versions."""
     import mlx.core as mx
 
-    from qwen_lora import __version__
+    from qwen_lora import __version__, cuda_decode
     from qwen_lora.cpu_jit import jit_info
     from qwen_lora.heap import heap_info
 
@@ -209,6 +209,7 @@ def info() -> dict[str, str]:
         "cpu_jit_flags": " ".join(jit.flags) or "-",
         "cpu_jit_reason": jit.reason,
         "malloc": heap_info().reason,
+        "cuda_decode_kernels": "on" if cuda_decode.available() else "off",
     }
     try:
         import mlx_lm

@@ -3,8 +3,8 @@
 Decoding a token on a GPU is bound by host time: MLX spends microseconds of CPU per
 operation, more than the kernels take (H100: ~2.3 ms a token, of which ~0.4 ms on the
 device). Between two attention calls a layer runs ~10 kernels (norms, matmuls, bias, rope,
-residual adds, SwiGLU) even compiled; here they are three, each a matrix-vector product with
-its neighbours folded in:
+residual adds, SwiGLU) even compiled; here it runs four, of three kinds, each a
+matrix-vector product with its neighbours folded in:
 
 - `rms_qkv_rope`: RMSNorm, the fused q/k/v projection with its bias, rope of queries and keys;
 - `matvec_add`: a projection plus the residual (attention output and down projection);
@@ -14,22 +14,25 @@ One block of threads computes two output rows (a rope pair, a gate/up pair) for 
 sequence of the batch, its threads splitting the dot products, accumulating in float32;
 weights are read once per step. Used by `DecodeStep` for models
 whose projections are fused (`Model.fuse_projections`), plain (not LoRA, not quantized) and
-in half precision; anything else keeps the compiled MLX operations.
+in half precision; anything else keeps the compiled MLX operations, as does
+`QWEN_LORA_CUDA_KERNELS=off`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 MAX_BATCH = 8  # sequences per kernel call; larger batches keep MLX's matmuls
-THREADS = 128  # per block, as QL_THREADS in the kernels
+THREADS = 128  # per block (QL_THREADS in the kernels)
 HALF_TYPES = (mx.float16, mx.bfloat16)
 
 _HEADER = """
-#define QL_THREADS 128  // a block: its threads split the dot products' K between them
+#define QL_THREADS THREADS  // a block: its threads split the dot products' K between them
 
 template <typename T>
 __device__ inline void ql_load8(const T* p, bool vec, float* out) {
@@ -159,8 +162,13 @@ _RMS_QKV_ROPE = """
 @functools.cache
 def _kernels() -> dict[str, object]:
     def make(name: str, inputs: list[str], outputs: list[str], source: str) -> object:
-        return mx.fast.cuda_kernel(name=f"qwen_lora_{name}", input_names=inputs,
-                                   output_names=outputs, source=source, header=_HEADER)
+        header = _HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
+        # MLX caches compiled kernels on disk by name alone (MLX_PTX_CACHE_DIR, else under
+        # the temporary directory): a hash of the code in the name keeps an edited kernel
+        # from loading an older one's binary.
+        digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
+        return mx.fast.cuda_kernel(name=f"qwen_lora_{name}_{digest}", input_names=inputs,
+                                   output_names=outputs, source=source, header=header)
     return {
         "matvec_add": make("matvec_add", ["x", "w", "res"], ["y"], _MATVEC_ADD),
         "rms_swiglu": make("rms_swiglu", ["x", "nw", "eps", "w"], ["act"], _RMS_SWIGLU),
@@ -179,7 +187,12 @@ def _launch(name: str, inputs: list[mx.array], blocks: int, outputs: list[tuple]
 
 
 def available() -> bool:
-    """Whether MLX computes on a CUDA GPU here."""
+    """Whether MLX computes on a CUDA GPU here and QWEN_LORA_CUDA_KERNELS does not turn the
+    kernels off."""
+    from qwen_lora.backend import OFF_VALUES
+
+    if os.environ.get("QWEN_LORA_CUDA_KERNELS", "").lower() in OFF_VALUES:
+        return False
     cuda = getattr(mx, "cuda", None)
     return (cuda is not None and cuda.is_available()
             and mx.default_device().type == mx.DeviceType.gpu)
