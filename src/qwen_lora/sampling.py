@@ -171,21 +171,30 @@ def _mlx_sampler(temperature: float, top_k: int, top_p: float
     def sample(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
         x = logits.astype(mx.float32) * (1.0 / temperature)
         vocab = x.shape[-1]
+        next_key, key = mx.random.split(key)
         if 0 < top_k < vocab:
             kth = mx.topk(x, top_k, axis=-1).min(axis=-1, keepdims=True)
             x = mx.where(x >= kth, x, -mx.inf)
         if top_p < 1.0:
-            probs = mx.softmax(x, axis=-1)
-            order = mx.argsort(-probs, axis=-1)
-            ordered = mx.take_along_axis(probs, order, axis=-1)
-            before = mx.cumsum(ordered, axis=-1) - ordered
-            threshold = mx.min(mx.where(before < top_p, ordered, mx.inf), axis=-1,
-                               keepdims=True)
-            x = mx.where(probs >= threshold, x, -mx.inf)
-        next_key, key = mx.random.split(key)
+            return _nucleus_draw(x, top_p, key), next_key
         return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32), next_key
 
     return sample
+
+
+def _nucleus_draw(x: mx.array, top_p: float, key: mx.array) -> mx.array:
+    """A token from the nucleus of softmax(x) by inverse transform: one uniform number per row
+    against the sorted probabilities' prefix sums, which top-p computes anyway, instead of a
+    Gumbel draw over the whole vocabulary (151,936 random numbers and an argmax)."""
+    probs = mx.softmax(x, axis=-1)
+    order = mx.argsort(-x, axis=-1)
+    ordered = mx.take_along_axis(probs, order, axis=-1)
+    cumulative = mx.cumsum(ordered, axis=-1)
+    size = ((cumulative - ordered) < top_p).sum(axis=-1, keepdims=True)  # at least 1
+    mass = mx.take_along_axis(cumulative, size - 1, axis=-1)
+    target = mx.random.uniform(shape=mass.shape, key=key) * mass
+    pick = mx.minimum((cumulative <= target).sum(axis=-1, keepdims=True), size - 1)
+    return mx.take_along_axis(order, pick, axis=-1)[:, 0].astype(mx.int32)
 
 
 class _Prefix:
