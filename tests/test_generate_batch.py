@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qwen_lora import Sampler, generate, generate_batch, load, stream_generate_batch
+from qwen_lora.cache import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,27 @@ def test_pipelined_decoding_gives_the_same_tokens(model, monkeypatch):
     assert generate_batch(model, prompts, 6, Sampler(seed=1, **sampler_args), ()) == plain_batch
     assert generate(model, prompts[0], 6, Sampler(seed=1, **sampler_args),
                     stop_tokens=()) == plain_one
+
+
+def test_decoding_does_not_grow_the_cache(model, monkeypatch):
+    """The cache has room for the prompt and the new tokens from the prefill on (up to
+    PREALLOCATED_TOKENS of them), so that decoding never stops to copy it into a larger one."""
+    grown = []
+    grow = KVCache._grow
+
+    def counted(self, keys, values):
+        grown.append(self.offset)
+        grow(self, keys, values)
+
+    monkeypatch.setattr(KVCache, "_grow", counted)
+    layers = len(model.layers)
+    prompt = list(range(1, 251))  # 250 + 20 tokens: past a 256-token growth step
+    generate(model, prompt, 20, stop_tokens=())
+    assert grown == [0] * layers
+    grown.clear()
+    list(stream_generate_batch(model, [prompt, [4, 5]], 20, stop_tokens=()))
+    assert grown == [0] * layers
+    grown.clear()
+    monkeypatch.setattr(importlib.import_module("qwen_lora.generate"), "PREALLOCATED_TOKENS", 8)
+    generate(model, prompt, 20, stop_tokens=())
+    assert grown == [0] * layers + [258] * layers  # then in steps, as before

@@ -10,12 +10,20 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_lora.backend import is_gpu
+from qwen_lora.cache import KVCache
 from qwen_lora.decode import decode_step
 from qwen_lora.model import Model
 from qwen_lora.sampling import Sampler
 
 SamplerFn = Callable[[mx.array], mx.array]
 GREEDY = Sampler()
+# New tokens whose room in the KV cache is allocated with the prompt's, so that decoding does
+# not stop to grow (copy) the cache; beyond them it grows in steps as usual.
+PREALLOCATED_TOKENS = 4096
+
+
+def _cache_for(model: Model, prompt_length: int, max_tokens: int) -> list[KVCache]:
+    return model.make_cache(capacity=prompt_length + min(max_tokens, PREALLOCATED_TOKENS))
 
 
 @dataclass
@@ -104,7 +112,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     pipeline = _pipelines()
     start = time.perf_counter()
     prompt = mx.array(tokens, dtype=mx.int32)[None]
-    cache = model.make_cache() if use_cache else None
+    cache = _cache_for(model, n_prompt, max_tokens) if use_cache else None
     if use_cache:
         logits = prefill(model, prompt, cache, prefill_chunk)
     else:
@@ -201,7 +209,7 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
         valid[b, :pad] = False
     padding = any(pads)
 
-    cache = model.make_cache()
+    cache = _cache_for(model, length, max_tokens)
     y = sampler(prefill(model, padded, cache, prefill_chunk, valid if padding else None))
     mx.async_eval(y)
     decode = decode_step(model)  # while the device computes the first tokens
