@@ -12,7 +12,7 @@ import qwen_lora
 from qwen_lora import cuda_decode
 from qwen_lora.cache import make_cache
 from qwen_lora.config import preset
-from qwen_lora.decode import DecodeStep
+from qwen_lora.decode import DecodeStep, decode_step
 from qwen_lora.generate import prefill
 from qwen_lora.lora import apply_lora
 from qwen_lora.model import DecoderLayer
@@ -52,9 +52,28 @@ def test_supports_only_fused_plain_half_precision_layers(tiny_dir):
     assert not cuda_decode.supports(float32.layers[0])
     quantized = qwen_lora.load(tiny_dir, dtype="float16", fuse_projections=True).quantize(8)
     assert not cuda_decode.supports(quantized.layers[0])
-    adapted = qwen_lora.load(tiny_dir, dtype="float16")
+    adapted = qwen_lora.load(tiny_dir, dtype="float16", fuse_projections=True)
+    assert cuda_decode.supports(adapted.layers[0])
     apply_lora(adapted, rank=4, targets=["o_proj"])
     assert not cuda_decode.supports(adapted.layers[0])
+
+
+def test_kernels_refuse_batches_over_the_limit():
+    rows = cuda_decode.MAX_BATCH + 1
+    x = mx.zeros((rows, 1, 64), dtype=mx.float16)
+    with pytest.raises(ValueError, match="at most"):
+        cuda_decode.matvec_add(x, nn.Linear(64, 64), x)
+
+
+def test_step_is_rebuilt_when_the_kernels_become_available(tiny_dir, monkeypatch):
+    model = qwen_lora.load(tiny_dir, dtype="float32", fuse_projections=True)
+    step = decode_step(model)
+    assert decode_step(model) is step
+    available = cuda_decode.available()
+    monkeypatch.setattr(cuda_decode, "available", lambda: not available)
+    rebuilt = decode_step(model)
+    assert rebuilt is not step and rebuilt.kernels_available is not available
+    assert not rebuilt.fused  # float32: the kernels do not apply
 
 
 def test_off_switch(monkeypatch):
@@ -72,14 +91,14 @@ def test_unused_without_a_cuda_device(tiny_dir):
 @needs_cuda
 @pytest.mark.parametrize("sizes", ["tiny", "qwen2.5-0.5b"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3, cuda_decode.MAX_BATCH + 1])
+@pytest.mark.parametrize("batch", [1, 3, cuda_decode.MAX_BATCH])
 def test_kernels_equal_mlx_operations(sizes, dtype, batch):
     layer = _random_layer(sizes, dtype)
     attn, mlp = layer.self_attn, layer.mlp
     dim = layer.input_layernorm.weight.shape[0]
     key = mx.random.key(batch)
     x = mx.random.normal((batch, 1, dim), key=key).astype(dtype)
-    offset = mx.array(301, dtype=mx.int32)
+    offset = mx.array(4000 + batch, dtype=mx.int32)
 
     inv_freq = cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
     got = cuda_decode.rms_qkv_rope(x, layer.input_layernorm, attn, offset, inv_freq)
@@ -98,8 +117,20 @@ def test_kernels_equal_mlx_operations(sizes, dtype, batch):
 
 
 @needs_cuda
+def test_odd_rows_and_unaligned_inputs():
+    """matvec_add's last block holds one row; an input 2 bytes off 16-byte alignment takes
+    the kernels' element-wise loads."""
+    linear = nn.Linear(64, 63, bias=False)
+    linear.set_dtype(mx.float16)
+    flat = mx.random.normal((3 * 64 + 1,), key=mx.random.key(5)).astype(mx.float16)
+    x = flat[1:].reshape(3, 1, 64)
+    res = mx.random.normal((3, 1, 63), key=mx.random.key(6)).astype(mx.float16)
+    _close(cuda_decode.matvec_add(x, linear, res), res + linear(x), mx.float16)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, cuda_decode.MAX_BATCH + 1])  # the last: MLX's ops
 def test_fused_step_equals_forward(tiny_dir, dtype, batch):
     model = qwen_lora.load(tiny_dir, dtype=dtype, fuse_projections=True)
     step = DecodeStep(model)

@@ -95,6 +95,15 @@ def test_decoding_does_not_grow_the_cache(model, monkeypatch):
     list(stream_generate_batch(model, [prompt, [4, 5]], 20, stop_tokens=()))
     assert grown == [0] * layers
     grown.clear()
-    monkeypatch.setattr(importlib.import_module("qwen_lora.generate"), "PREALLOCATED_TOKENS", 8)
+    generate_module = importlib.import_module("qwen_lora.generate")
+    monkeypatch.setattr(generate_module, "PREALLOCATED_TOKENS", 8)
     generate(model, prompt, 20, stop_tokens=())
     assert grown == [0] * layers + [258] * layers  # then in steps, as before
+    grown.clear()
+    monkeypatch.setattr(generate_module, "PREALLOCATED_TOKENS", 4096)
+    config = model.config
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    monkeypatch.setattr(generate_module, "PREALLOCATED_BYTES", 5 * token_bytes)  # float32
+    generate(model, prompt, 20, stop_tokens=())
+    # room for 5 new tokens, then the usual steps (to 256, the next multiple, then 512)
+    assert grown == [0] * layers + [255] * layers + [256] * layers

@@ -78,11 +78,36 @@ def test_seeded_runs_repeat(backend):
     assert a != c
 
 
-def test_composed_top_k_and_top_p():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_composed_top_k_and_top_p(backend):
     probs = [0.4, 0.3, 0.2, 0.05, 0.05]
     # top-k 4 renormalises to [0.42, 0.32, 0.21, 0.05]; top-p 0.7 then keeps the first two
-    sampler = Sampler(temperature=1.0, top_k=4, top_p=0.7, seed=1, backend="numpy")
+    sampler = Sampler(temperature=1.0, top_k=4, top_p=0.7, seed=1, backend=backend)
     assert set(draws(sampler, logits_for(probs), 300)) == {0, 1}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_keeps_tokens_tied_with_the_last_of_the_nucleus(backend):
+    """Four equally likely tokens and top-p 0.5: the two that reach p are no likelier than
+    the other two, so all four are drawn, about equally often."""
+    seen = draws(Sampler(temperature=1.0, top_p=0.5, backend=backend, seed=0),
+                 logits_for([0.25] * 4), 1000)
+    np.testing.assert_allclose(np.bincount(seen, minlength=4) / 1000, [0.25] * 4, atol=0.06)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tiny_top_p_keeps_the_most_likely_token(backend):
+    sampler = Sampler(temperature=1.0, top_p=1e-50, backend=backend, seed=0)  # 0 in float32
+    assert set(draws(sampler, logits_for([0.2, 0.7, 0.1]), 50)) == {1}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_over_a_batch(backend):
+    x = mx.concatenate([logits_for([0.5, 0.3, 0.2]), logits_for([0.1, 0.1, 0.8])])
+    sampler = Sampler(temperature=1.0, top_p=0.6, backend=backend, seed=0)
+    seen = np.array([np.array(sampler(x)) for _ in range(300)])
+    assert set(seen[:, 0].tolist()) == {0, 1}  # nucleus of row 0: 0.5 + 0.3
+    assert set(seen[:, 1].tolist()) == {2}
 
 
 def test_batch_rows_are_sampled_independently():

@@ -209,7 +209,7 @@ def info() -> dict[str, str]:
         "cpu_jit_flags": " ".join(jit.flags) or "-",
         "cpu_jit_reason": jit.reason,
         "malloc": heap_info().reason,
-        "cuda_decode_kernels": "on" if cuda_decode.available() else "off",
+        "cuda_decode_kernels": cuda_decode.status(),
     }
     try:
         import mlx_lm

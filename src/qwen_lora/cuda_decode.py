@@ -163,9 +163,9 @@ _RMS_QKV_ROPE = """
 def _kernels() -> dict[str, object]:
     def make(name: str, inputs: list[str], outputs: list[str], source: str) -> object:
         header = _HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
-        # MLX caches compiled kernels on disk by name alone (MLX_PTX_CACHE_DIR, else under
-        # the temporary directory): a hash of the code in the name keeps an edited kernel
-        # from loading an older one's binary.
+        # MLX caches compiled kernels on disk by name (this name plus the template values;
+        # MLX_PTX_CACHE_DIR, else under the temporary directory), not by code: a hash of the
+        # code in the name keeps an edited kernel from loading an older one's binary.
         digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
         return mx.fast.cuda_kernel(name=f"qwen_lora_{name}_{digest}", input_names=inputs,
                                    output_names=outputs, source=source, header=header)
@@ -189,18 +189,24 @@ def _launch(name: str, inputs: list[mx.array], blocks: int, outputs: list[tuple]
 def available() -> bool:
     """Whether MLX computes on a CUDA GPU here and QWEN_LORA_CUDA_KERNELS does not turn the
     kernels off."""
+    return status().startswith("available")
+
+
+def status() -> str:
+    """'available', or why the kernels are off (`qwen-lora info`)."""
     from qwen_lora.backend import OFF_VALUES
 
     if os.environ.get("QWEN_LORA_CUDA_KERNELS", "").lower() in OFF_VALUES:
-        return False
+        return "off (QWEN_LORA_CUDA_KERNELS)"
     cuda = getattr(mx, "cuda", None)
-    return (cuda is not None and cuda.is_available()
-            and mx.default_device().type == mx.DeviceType.gpu)
+    if cuda is None or not cuda.is_available() or mx.default_device().type != mx.DeviceType.gpu:
+        return "off (MLX does not compute on a CUDA GPU here)"
+    return "available (fused half-precision models, batches up to 8)"
 
 
 def supports(layer: nn.Module) -> bool:
     """Whether the kernels can run `layer`: fused, plain projections in half precision, with
-    sizes the kernels' 16-byte loads divide."""
+    input sizes that are multiples of 8 (the kernels read 8 values at a time, unchecked)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = [attn.get("qkv_proj"), attn.get("o_proj"), mlp.get("gate_up_proj"),
                mlp.get("down_proj")]
@@ -219,18 +225,20 @@ def supports(layer: nn.Module) -> bool:
             and all(p.weight.shape[1] % 8 == 0 for p in linears))
 
 
-def _rows(x: mx.array) -> mx.array:
-    return x.reshape(x.shape[0], -1)
+def _rows(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    """x as (batch, features) in the kernels' type (a no-op where it already is)."""
+    if x.shape[0] > MAX_BATCH:
+        raise ValueError(f"the kernels take at most {MAX_BATCH} sequences, got {x.shape[0]}")
+    return x.reshape(x.shape[0], -1).astype(dtype)
 
 
 def matvec_add(x: mx.array, linear: nn.Linear, res: mx.array) -> mx.array:
     """res + linear(x) for one position per sequence: x (batch, 1, K) or attention's output
     (batch, heads, 1, head_dim), res (batch, 1, N)."""
-    batch, n = x.shape[0], linear.weight.shape[0]
-    if batch > MAX_BATCH:
-        return res + linear(_rows(x)[:, None, :])
-    (y,) = _launch("matvec_add", [_rows(x), linear.weight, _rows(res)], (n + 1) // 2,
-                   [(batch, n)], x.dtype, B=batch, K=linear.weight.shape[1], N=n)
+    batch, (n, k) = x.shape[0], linear.weight.shape
+    dtype = linear.weight.dtype
+    (y,) = _launch("matvec_add", [_rows(x, dtype), linear.weight, _rows(res, dtype)],
+                   (n + 1) // 2, [(batch, n)], dtype, B=batch, K=k, N=n)
     return y.reshape(batch, 1, n)
 
 
@@ -242,11 +250,9 @@ def rms_swiglu(x: mx.array, norm: nn.RMSNorm, gate_up: nn.Linear) -> mx.array:
     """silu(gate) * up of `gate_up(norm(x))` for x (batch, 1, K)."""
     batch, dim = x.shape[0], x.shape[-1]
     hidden = gate_up.weight.shape[0] // 2
-    if batch > MAX_BATCH:
-        gate, up = mx.split(gate_up(norm(x)), 2, axis=-1)
-        return nn.silu(gate) * up
-    (act,) = _launch("rms_swiglu", [_rows(x), *_norm_inputs(norm), gate_up.weight], hidden,
-                     [(batch, hidden)], x.dtype, B=batch, K=dim, I=hidden)
+    dtype = gate_up.weight.dtype
+    (act,) = _launch("rms_swiglu", [_rows(x, dtype), *_norm_inputs(norm), gate_up.weight],
+                     hidden, [(batch, hidden)], dtype, B=batch, K=dim, I=hidden)
     return act.reshape(batch, 1, hidden)
 
 
@@ -262,11 +268,10 @@ def rms_qkv_rope(x: mx.array, norm: nn.RMSNorm, attn: nn.Module, offset: mx.arra
     queries and keys rotated for position `offset` (an int32 array of one value)."""
     batch, dim = x.shape[0], x.shape[-1]
     hd, nq, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
-    if batch > MAX_BATCH:
-        return attn.project(norm(x), offset)
-    inputs = [_rows(x), *_norm_inputs(norm), attn.qkv_proj.weight, attn.qkv_proj.bias,
-              offset.reshape(1), inv_freq]
+    dtype = attn.qkv_proj.weight.dtype
+    inputs = [_rows(x, dtype), *_norm_inputs(norm), attn.qkv_proj.weight, attn.qkv_proj.bias,
+              offset.reshape(1).astype(mx.int32), inv_freq]
     shapes = [(batch, nq, 1, hd), (batch, nkv, 1, hd), (batch, nkv, 1, hd)]
-    q, k, v = _launch("rms_qkv_rope", inputs, (nq + 2 * nkv) * hd // 2, shapes, x.dtype,
+    q, k, v = _launch("rms_qkv_rope", inputs, (nq + 2 * nkv) * hd // 2, shapes, dtype,
                       B=batch, K=dim, HD=hd, NQ=nq, NKV=nkv)
     return q, k, v

@@ -9,7 +9,7 @@ token every step. So the step is cut at attention: everything from one attention
 next (output projection, residuals, feed-forward, norm, the next layer's projections and
 rotations) is one compiled function, and attention with its cache update runs as usual
 between them. On MLX's CUDA backend those functions use the fused kernels of
-`qwen_lora.cuda_decode` where the model allows (three kernels a layer instead of ~10).
+`qwen_lora.cuda_decode` where the model allows (four kernel calls a layer instead of ~10).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class DecodeStep:
         tied = model.config.tie_word_embeddings
         head_module = embed if tied else model.lm_head
         head = embed.as_linear if tied else head_module  # as Model.head, without the model
-        self.fused = (cuda_decode.available()
+        self.kernels_available = cuda_decode.available()  # decode_step rebuilds if it changes
+        self.fused = (self.kernels_available
                       and all(cuda_decode.supports(layer) for layer in self.layers))
         attn = self.layers[0].self_attn
         parts = _Parts(self.fused, cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
@@ -81,16 +82,19 @@ class _Parts:
         self.fused = fused
         self.inv_freq = inv_freq
 
+    def kernels(self, x: mx.array) -> bool:
+        return self.fused and x.shape[0] <= cuda_decode.MAX_BATCH
+
     def project(self, layer: nn.Module, x: mx.array, offset: mx.array) -> Heads:
         """The layer up to its attention: norm, q/k/v projections, rope."""
-        if self.fused:
+        if self.kernels(x):
             return cuda_decode.rms_qkv_rope(x, layer.input_layernorm, layer.self_attn, offset,
                                             self.inv_freq)
         return layer.self_attn.project(layer.input_layernorm(x), offset)
 
     def finish(self, layer: nn.Module, x: mx.array, out: mx.array) -> mx.array:
         """The layer after its attention: output projection, residual, feed-forward."""
-        if self.fused:
+        if self.kernels(x):
             h = cuda_decode.matvec_add(out, layer.self_attn.o_proj, x)
             act = cuda_decode.rms_swiglu(h, layer.post_attention_layernorm,
                                          layer.mlp.gate_up_proj)
@@ -151,14 +155,16 @@ def _modules(module: nn.Module) -> Iterator[nn.Module]:
 
 def decode_step(model: Model) -> Callable[..., mx.array]:
     """The model's compiled `DecodeStep`, built on first use and again after the model's
-    modules changed; the plain forward pass while any module is in training mode (dropout
+    modules changed (or the CUDA kernels' availability: device, QWEN_LORA_CUDA_KERNELS); the
+    plain forward pass while any module is in training mode (dropout
     draws random numbers, which a compiled function would repeat)."""
     modules = list(_modules(model))
     if any(m.training for m in modules):
         return lambda tokens, cache, mask=None: model(tokens, cache=cache, mask=mask,
                                                       last_only=True)[:, -1, :]
     step = getattr(model, "_decode_step", None)
-    if step is None or step.key != tuple(map(id, modules)):
+    if (step is None or step.key != tuple(map(id, modules))
+            or step.kernels_available != cuda_decode.available()):
         step = DecodeStep(model)
         model._decode_step = step
     return step

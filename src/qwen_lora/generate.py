@@ -17,13 +17,19 @@ from qwen_lora.sampling import Sampler
 
 SamplerFn = Callable[[mx.array], mx.array]
 GREEDY = Sampler()
-# New tokens whose room in the KV cache is allocated with the prompt's, so that decoding does
-# not stop to grow (copy) the cache; beyond them it grows in steps as usual.
+# Room for new tokens allocated in the KV cache with the prompt's, so that decoding does not
+# stop to grow (copy) it: up to this many tokens and bytes; beyond, it grows in steps as usual.
 PREALLOCATED_TOKENS = 4096
+PREALLOCATED_BYTES = 256 * 2**20
 
 
-def _cache_for(model: Model, prompt_length: int, max_tokens: int) -> list[KVCache]:
-    return model.make_cache(capacity=prompt_length + min(max_tokens, PREALLOCATED_TOKENS))
+def _cache_for(model: Model, batch: int, prompt_length: int, max_tokens: int
+               ) -> list[KVCache]:
+    config = model.config
+    token_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                   * model.model.norm.weight.dtype.size * batch)  # keys and values
+    room = min(max_tokens, PREALLOCATED_TOKENS, PREALLOCATED_BYTES // token_bytes)
+    return model.make_cache(capacity=prompt_length + room)
 
 
 @dataclass
@@ -112,7 +118,7 @@ def stream_generate(model: Model, prompt_ids: Sequence[int], max_tokens: int,
     pipeline = _pipelines()
     start = time.perf_counter()
     prompt = mx.array(tokens, dtype=mx.int32)[None]
-    cache = _cache_for(model, n_prompt, max_tokens) if use_cache else None
+    cache = _cache_for(model, 1, n_prompt, max_tokens) if use_cache else None
     if use_cache:
         logits = prefill(model, prompt, cache, prefill_chunk)
     else:
@@ -209,7 +215,7 @@ def stream_generate_batch(model: Model, prompts: Sequence[Sequence[int]], max_to
         valid[b, :pad] = False
     padding = any(pads)
 
-    cache = _cache_for(model, length, max_tokens)
+    cache = _cache_for(model, batch, length, max_tokens)
     y = sampler(prefill(model, padded, cache, prefill_chunk, valid if padding else None))
     mx.async_eval(y)
     decode = decode_step(model)  # while the device computes the first tokens

@@ -189,8 +189,12 @@ def _nucleus_draw(x: mx.array, top_p: float, key: mx.array) -> mx.array:
     probs = mx.softmax(x, axis=-1)
     order = mx.argsort(-x, axis=-1)
     ordered = mx.take_along_axis(probs, order, axis=-1)
+    # float32 prefix sums: tokens below ~1e-7 of the mass are mis-weighted, as in a sum
     cumulative = mx.cumsum(ordered, axis=-1)
-    size = ((cumulative - ordered) < top_p).sum(axis=-1, keepdims=True)  # at least 1
+    size = mx.maximum(((cumulative - ordered) < top_p).sum(axis=-1, keepdims=True), 1)
+    # tokens tied with the last one of the nucleus belong to it too (their order is arbitrary)
+    edge = mx.take_along_axis(ordered, size - 1, axis=-1)
+    size = (ordered >= edge).sum(axis=-1, keepdims=True)
     mass = mx.take_along_axis(cumulative, size - 1, axis=-1)
     target = mx.random.uniform(shape=mass.shape, key=key) * mass
     pick = mx.minimum((cumulative <= target).sum(axis=-1, keepdims=True), size - 1)
