@@ -110,6 +110,20 @@ def test_top_p_over_a_batch(backend):
     assert set(seen[:, 1].tolist()) == {2}
 
 
+def test_top_p_falls_back_to_the_exact_search(monkeypatch):
+    """A tiny top_p over a flat distribution: rejection draws almost never land in the
+    one-token nucleus, so after NUCLEUS_TRIES misses the exact search decides."""
+    searched = []
+    search = Sampler._search_nucleus
+    monkeypatch.setattr(Sampler, "_search_nucleus",
+                        lambda self, probs: searched.append(1) or search(self, probs))
+    logits = np.zeros((1, 10_000), dtype=np.float32)
+    logits[0, 123] = 0.01
+    sampler = Sampler(temperature=1.0, top_p=1e-6, seed=0, backend="numpy")
+    assert set(draws(sampler, mx.array(logits), 20)) == {123}
+    assert len(searched) >= 19
+
+
 def test_batch_rows_are_sampled_independently():
     x = mx.array(np.log(np.array([[0.999, 0.001], [0.001, 0.999]], dtype=np.float32)))
     out = np.array(Sampler(temperature=0.5, seed=0)(x))
