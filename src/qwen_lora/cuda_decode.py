@@ -189,19 +189,26 @@ def _launch(name: str, inputs: list[mx.array], blocks: int, outputs: list[tuple]
 def available() -> bool:
     """Whether MLX computes on a CUDA GPU here and QWEN_LORA_CUDA_KERNELS does not turn the
     kernels off."""
-    return status().startswith("available")
+    return _off_reason() is None
 
 
 def status() -> str:
-    """'available', or why the kernels are off (`qwen-lora info`)."""
+    """Whether the kernels are available, or why they are off (`qwen-lora info`)."""
+    reason = _off_reason()
+    if reason:
+        return f"off ({reason})"
+    return f"available (fused half-precision models, batches up to {MAX_BATCH})"
+
+
+def _off_reason() -> str | None:
     from qwen_lora.backend import OFF_VALUES
 
     if os.environ.get("QWEN_LORA_CUDA_KERNELS", "").lower() in OFF_VALUES:
-        return "off (QWEN_LORA_CUDA_KERNELS)"
+        return "QWEN_LORA_CUDA_KERNELS"
     cuda = getattr(mx, "cuda", None)
     if cuda is None or not cuda.is_available() or mx.default_device().type != mx.DeviceType.gpu:
-        return "off (MLX does not compute on a CUDA GPU here)"
-    return "available (fused half-precision models, batches up to 8)"
+        return "MLX does not compute on a CUDA GPU here"
+    return None
 
 
 def supports(layer: nn.Module) -> bool:

@@ -41,7 +41,7 @@ class Sampler:
         self.seed = seed
         self.backend = backend
         self._rng = np.random.default_rng(seed)
-        self._buffers: dict[tuple[int, int | str], np.ndarray] = {}
+        self._buffers: dict[tuple[int, int, type], np.ndarray] = {}
         self._compiled: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]] | None = None
         self._key = mx.random.key(seed if seed is not None else int(self._rng.integers(2**31)))
 
@@ -79,12 +79,12 @@ class Sampler:
             return min(prefix.count_at_most(self._rng.random() * prefix.total), vocab - 1)
         return self._sample_nucleus(probs)
 
-    def _buffer(self, size: int, which: int) -> np.ndarray:
-        """A float32 work array kept between calls: a fresh 600 kB array a call costs more in
+    def _buffer(self, size: int, which: int, dtype: type = np.float32) -> np.ndarray:
+        """A work array kept between calls: a fresh 600 kB array a call costs more in
         page faults than the arithmetic (0.65 ms against 0.25 ms a token at 151,936)."""
-        key = (size, which)
+        key = (size, which, dtype)
         if key not in self._buffers:
-            self._buffers[key] = np.empty(size, dtype=np.float32)
+            self._buffers[key] = np.empty(size, dtype=dtype)
         return self._buffers[key]
 
     def _weights(self, logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -141,7 +141,7 @@ class Sampler:
         a flat distribution) the exact search decides."""
         vocab = len(probs)
         prefix = _Prefix(probs)
-        likelier, masked = self._mask(vocab), self._buffer(vocab, 1)
+        likelier, masked = self._buffer(vocab, 0, bool), self._buffer(vocab, 1)
         for _ in range(self.NUCLEUS_TRIES):
             token = min(prefix.count_at_most(self._rng.random() * prefix.total), vocab - 1)
             np.greater(probs, probs[token], out=likelier)
@@ -149,13 +149,6 @@ class Sampler:
             if masked.sum(dtype=np.float64) < self.top_p * prefix.total:
                 return token
         return self._search_nucleus(probs)
-
-    def _mask(self, size: int) -> np.ndarray:
-        """A boolean work array kept between calls (see `_buffer`)."""
-        key = (size, "mask")
-        if key not in self._buffers:
-            self._buffers[key] = np.empty(size, dtype=bool)
-        return self._buffers[key]
 
     def _search_nucleus(self, probs: np.ndarray) -> int:
         """Top-p by finding the nucleus: it lies among the m most likely tokens as soon as
