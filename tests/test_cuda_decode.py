@@ -16,6 +16,7 @@ from qwen_lora.decode import DecodeStep, decode_step
 from qwen_lora.generate import prefill
 from qwen_lora.lora import apply_lora
 from qwen_lora.model import DecoderLayer
+from qwen_lora.weights import init_model_dir
 
 needs_cuda = pytest.mark.skipif(not cuda_decode.available(),
                                 reason="needs MLX's CUDA backend")
@@ -63,6 +64,16 @@ def test_kernels_refuse_batches_over_the_limit():
     x = mx.zeros((rows, 1, 64), dtype=mx.float16)
     with pytest.raises(ValueError, match="at most"):
         cuda_decode.matvec_add(x, nn.Linear(64, 64), x)
+
+
+def test_kernels_refuse_inputs_of_the_wrong_size():
+    """The kernels read their inputs' memory as rows, unchecked: a wrong size must not get
+    that far."""
+    x = mx.zeros((2, 1, 64), dtype=mx.float16)
+    with pytest.raises(ValueError, match=r"2 rows of 32 values, got shape \(2, 1, 64\)"):
+        cuda_decode.matvec_add(x, nn.Linear(64, 32), x)
+    with pytest.raises(ValueError, match="one position"):
+        cuda_decode.rms_qkv_rope(x, nn.RMSNorm(64), None, mx.array([1, 2]), mx.zeros(32))
 
 
 def test_step_is_rebuilt_when_the_kernels_become_available(tiny_dir, monkeypatch):
@@ -146,3 +157,30 @@ def test_fused_step_equals_forward(tiny_dir, dtype, batch):
     for fused, plain in zip(caches[0], caches[1], strict=True):
         for a, b in zip(fused.state, plain.state, strict=True):
             _close(a[..., :fused.offset, :], b[..., :plain.offset, :], dtype)
+
+
+@needs_cuda
+def test_fused_step_graph_holds_only_kernels_and_attention(tmp_path):
+    """Every node of a decoding step's graph costs host time (decoding is bound by it): a
+    layer is four kernels, the cache's two writes and two reads, and attention; no reshapes,
+    no rope frequencies computed again (the graph of 3d4ddcb held 488 nodes at Qwen2.5-0.5B,
+    216 of them reshapes and 48 the frequencies)."""
+    import collections
+    import re
+
+    # Heads of 64 dimensions, as Qwen2.5's: MLX's fused attention kernel takes them.
+    model_dir = init_model_dir(tmp_path / "model", "tiny", dtype="float16", hidden_size=128,
+                               num_attention_heads=2, num_key_value_heads=1)
+    model = qwen_lora.load(model_dir, dtype=mx.float16, fuse_projections=True)
+    step = DecodeStep(model)
+    assert step.fused
+    cache = make_cache(len(model.layers), capacity=16)
+    mx.eval(step(mx.array([[1]]), cache))
+    dot = tmp_path / "step.dot"
+    mx.export_to_dot(str(dot), step(mx.array([[2]]), cache))
+    kinds = collections.Counter(re.findall(r'label ="([^" ]+)', dot.read_text()))
+    layers = len(model.layers)
+    assert kinds["CustomKernel"] == 4 * layers
+    assert kinds["ScaledDotProductAttention"] == layers
+    assert kinds["SliceUpdate"] == kinds["Slice"] == 2 * layers
+    assert not {"Reshape", "Arange"} & set(kinds), kinds

@@ -108,7 +108,7 @@ _MATVEC_ADD = """
   bool vec = ql_aligned(x) && ql_aligned(w);
   float acc[3 * B];
   ql_partials<T, B, K, false>(w + (size_t)r0 * K, w + (size_t)r1 * K, x, x, vec, acc);
-  ql_block_sum<3 * B>(acc);
+  ql_block_sum<2 * B>(acc + B);  // no norm: the sums of squares stay unused
   int b = threadIdx.x;
   if (b < B) {
     y[b * N + r0] = static_cast<T>(acc[B + b] + static_cast<float>(res[b * N + r0]));
@@ -232,11 +232,19 @@ def supports(layer: nn.Module) -> bool:
             and all(p.weight.shape[1] % 8 == 0 for p in linears))
 
 
-def _rows(x: mx.array, dtype: mx.Dtype) -> mx.array:
-    """x as (batch, features) in the kernels' type (a no-op where it already is)."""
-    if x.shape[0] > MAX_BATCH:
-        raise ValueError(f"the kernels take at most {MAX_BATCH} sequences, got {x.shape[0]}")
-    return x.reshape(x.shape[0], -1).astype(dtype)
+def _rows(x: mx.array, batch: int, features: int, dtype: mx.Dtype) -> mx.array:
+    """x, read by a kernel as (batch, features) rows, in the kernels' type.
+
+    Not reshaped: the kernels take a row-contiguous input's memory as it is (MLX copies
+    others first), and each reshape would be one more node of the graph for MLX to
+    dispatch, at microseconds of host time, where decoding is bound by host time.
+    """
+    if batch > MAX_BATCH:
+        raise ValueError(f"the kernels take at most {MAX_BATCH} sequences, got {batch}")
+    if x.shape[0] != batch or x.size != batch * features:
+        raise ValueError(f"expected {batch} rows of {features} values, got shape "
+                         f"{tuple(x.shape)}")
+    return x.astype(dtype)  # no graph node where x already has the type
 
 
 def matvec_add(x: mx.array, linear: nn.Linear, res: mx.array) -> mx.array:
@@ -244,9 +252,10 @@ def matvec_add(x: mx.array, linear: nn.Linear, res: mx.array) -> mx.array:
     (batch, heads, 1, head_dim), res (batch, 1, N)."""
     batch, (n, k) = x.shape[0], linear.weight.shape
     dtype = linear.weight.dtype
-    (y,) = _launch("matvec_add", [_rows(x, dtype), linear.weight, _rows(res, dtype)],
-                   (n + 1) // 2, [(batch, n)], dtype, B=batch, K=k, N=n)
-    return y.reshape(batch, 1, n)
+    (y,) = _launch("matvec_add", [_rows(x, batch, k, dtype), linear.weight,
+                                  _rows(res, batch, n, dtype)],
+                   (n + 1) // 2, [(batch, 1, n)], dtype, B=batch, K=k, N=n)
+    return y
 
 
 def _norm_inputs(norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
@@ -258,9 +267,10 @@ def rms_swiglu(x: mx.array, norm: nn.RMSNorm, gate_up: nn.Linear) -> mx.array:
     batch, dim = x.shape[0], x.shape[-1]
     hidden = gate_up.weight.shape[0] // 2
     dtype = gate_up.weight.dtype
-    (act,) = _launch("rms_swiglu", [_rows(x, dtype), *_norm_inputs(norm), gate_up.weight],
-                     hidden, [(batch, hidden)], dtype, B=batch, K=dim, I=hidden)
-    return act.reshape(batch, 1, hidden)
+    (act,) = _launch("rms_swiglu", [_rows(x, batch, dim, dtype), *_norm_inputs(norm),
+                                    gate_up.weight],
+                     hidden, [(batch, 1, hidden)], dtype, B=batch, K=dim, I=hidden)
+    return act
 
 
 def rope_frequencies(head_dim: int, base: float) -> mx.array:
@@ -273,11 +283,13 @@ def rms_qkv_rope(x: mx.array, norm: nn.RMSNorm, attn: nn.Module, offset: mx.arra
                  inv_freq: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """Queries, keys and values (batch, heads, 1, head_dim) of `attn.qkv_proj(norm(x))`,
     queries and keys rotated for position `offset` (an int32 array of one value)."""
+    if offset.size != 1:
+        raise ValueError(f"offset must hold one position, got shape {tuple(offset.shape)}")
     batch, dim = x.shape[0], x.shape[-1]
     hd, nq, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
     dtype = attn.qkv_proj.weight.dtype
-    inputs = [_rows(x, dtype), *_norm_inputs(norm), attn.qkv_proj.weight, attn.qkv_proj.bias,
-              offset.reshape(1).astype(mx.int32), inv_freq]
+    inputs = [_rows(x, batch, dim, dtype), *_norm_inputs(norm), attn.qkv_proj.weight,
+              attn.qkv_proj.bias, offset.astype(mx.int32), inv_freq]
     shapes = [(batch, nq, 1, hd), (batch, nkv, 1, hd), (batch, nkv, 1, hd)]
     q, k, v = _launch("rms_qkv_rope", inputs, (nq + 2 * nkv) * hd // 2, shapes, dtype,
                       B=batch, K=dim, HD=hd, NQ=nq, NKV=nkv)

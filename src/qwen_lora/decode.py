@@ -50,8 +50,11 @@ class DecodeStep:
         self.fused = (self.kernels_available
                       and all(cuda_decode.supports(layer) for layer in self.layers))
         attn = self.layers[0].self_attn
-        parts = _Parts(self.fused, cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
-                       if self.fused else None)
+        inv_freq = None
+        if self.fused:  # evaluated: a lazy array would be computed again in every call
+            inv_freq = cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
+            mx.eval(inv_freq)
+        parts = _Parts(self.fused, inv_freq)
         self._first = _compiled(_embed_and_project(embed, self.layers[0], parts),
                                 [embed, self.layers[0]])
         self._between = [_compiled(_layer_boundary(this, following, parts), [this, following])
