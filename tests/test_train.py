@@ -305,3 +305,54 @@ def test_swiglu_gradient_keeps_no_sigmoid_from_the_forward_pass():
         return mx.get_peak_memory()
 
     assert peak(model_module._swiglu_own_gradient) <= peak(model_module._swiglu_checkpointed)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_sliced_head_loss_equals_the_whole_sequence_loss(monkeypatch, trainable_head):
+    """Half precision computes the head's loss in slices, recomputed in the backward pass
+    (one slice after another where the head is frozen, `mx.checkpoint` where it trains):
+    the loss and gradients are those of the whole sequence at once, uneven last slice,
+    masked positions and compiled included."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    import qwen_lora.train_step as train_step
+
+    monkeypatch.setattr(train_step, "LOSS_CHUNK", 3)
+    model = nn.Module()
+    model.config = type("Config", (), {"tie_word_embeddings": False})()
+    model.model = nn.Module()
+    model.lm_head = nn.Linear(16, 50, bias=False)
+    model.lm_head.set_dtype(mx.float16)
+    model.head = model.lm_head
+    if not trainable_head:
+        model.lm_head.freeze()
+    keys = mx.random.split(mx.random.key(7), 2)
+    hidden = mx.random.normal((2, 8, 16), key=keys[0]).astype(mx.float16)
+    targets = mx.random.randint(0, 50, (2, 8), key=keys[1])
+    mask = mx.array([[1.0] * 8, [1.0] * 5 + [0.0] * 3])
+    calls = []
+    for name in ("_checkpointed_head_loss", "_chained_head_loss"):
+        real = getattr(train_step, name)
+        monkeypatch.setattr(train_step, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+    def sliced(h):
+        return train_step._sliced_head_loss(model, h, targets, mask)
+
+    def whole(h):
+        return (train_step._slice_losses(model.head, h, targets) * mask).sum()
+
+    if trainable_head:  # gradients reach the head's own weight
+        (_, got), (_, want) = (tree_flatten(nn.value_and_grad(model.lm_head, fn)(hidden)[1])[0]
+                               for fn in (sliced, whole))
+        assert mx.allclose(got, want, rtol=1e-2, atol=1e-3).item()
+        assert got.abs().max().item() > 0
+    expected, expected_grad = mx.value_and_grad(whole)(hidden)
+    for fn in (mx.value_and_grad(sliced), mx.compile(mx.value_and_grad(sliced))):
+        value, grad = fn(hidden)
+        assert value.dtype == mx.float32
+        assert value.item() == pytest.approx(expected.item(), rel=1e-4)
+        assert mx.allclose(grad, expected_grad, rtol=1e-2, atol=1e-3).item()
+        assert grad[1, 5:].abs().max().item() == 0  # masked positions
+    assert set(calls) == {"_checkpointed_head_loss" if trainable_head else "_chained_head_loss"}
