@@ -102,8 +102,9 @@ def test_decoding_does_not_grow_the_cache(model, monkeypatch):
     grown.clear()
     monkeypatch.setattr(generate_module, "PREALLOCATED_TOKENS", 4096)
     config = model.config
-    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    monkeypatch.setattr(generate_module, "PREALLOCATED_BYTES", 5 * token_bytes)  # float32
+    token_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                   * model.model.norm.weight.dtype.size)  # float32 on CPUs, float16 on GPUs
+    monkeypatch.setattr(generate_module, "PREALLOCATED_BYTES", 5 * token_bytes)
     generate(model, prompt, 20, stop_tokens=())
     # room for 5 new tokens, then the usual steps (to 256, the next multiple, then 512)
     assert grown == [0] * layers + [255] * layers + [256] * layers
