@@ -71,7 +71,13 @@ def test_kernels_refuse_inputs_of_the_wrong_size():
     that far."""
     x = mx.zeros((2, 1, 64), dtype=mx.float16)
     with pytest.raises(ValueError, match=r"2 rows of 32 values, got shape \(2, 1, 64\)"):
-        cuda_decode.matvec_add(x, nn.Linear(64, 32), x)
+        cuda_decode.matvec_add(x, nn.Linear(64, 32), x)  # the residual
+    with pytest.raises(ValueError, match=r"2 rows of 64 values, got shape \(2, 2, 64\)"):
+        cuda_decode.matvec_add(mx.zeros((2, 2, 64)), nn.Linear(64, 64), x)  # two positions
+    with pytest.raises(ValueError, match=r"2 rows of 32 values, got shape \(2, 1, 64\)"):
+        cuda_decode.rms_swiglu(x, nn.RMSNorm(32), nn.Linear(32, 16))  # the projection's K
+    with pytest.raises(ValueError, match="the norm has 32 weights, the projection takes 64"):
+        cuda_decode.rms_swiglu(x, nn.RMSNorm(32), nn.Linear(64, 16))
     with pytest.raises(ValueError, match="one position"):
         cuda_decode.rms_qkv_rope(x, nn.RMSNorm(64), None, mx.array([1, 2]), mx.zeros(32))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -102,8 +103,11 @@ def test_decoding_does_not_grow_the_cache(model, monkeypatch):
     grown.clear()
     monkeypatch.setattr(generate_module, "PREALLOCATED_TOKENS", 4096)
     config = model.config
+    cache = model.make_cache()
+    model(mx.array([[1]]), cache=cache)
     token_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-                   * model.model.norm.weight.dtype.size)  # float32 on CPUs, float16 on GPUs
+                   * cache[0].keys.dtype.size)  # float32 on CPUs, float16 on GPUs
+    grown.clear()
     monkeypatch.setattr(generate_module, "PREALLOCATED_BYTES", 5 * token_bytes)
     generate(model, prompt, 20, stop_tokens=())
     # room for 5 new tokens, then the usual steps (to 256, the next multiple, then 512)

@@ -258,16 +258,19 @@ def matvec_add(x: mx.array, linear: nn.Linear, res: mx.array) -> mx.array:
     return y
 
 
-def _norm_inputs(norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+def _norm_inputs(norm: nn.RMSNorm, features: int) -> tuple[mx.array, mx.array]:
+    if norm.weight.size != features:
+        raise ValueError(f"the norm has {norm.weight.size} weights, the projection takes "
+                         f"{features} features")
     return norm.weight, mx.array([norm.eps], dtype=mx.float32)
 
 
 def rms_swiglu(x: mx.array, norm: nn.RMSNorm, gate_up: nn.Linear) -> mx.array:
     """silu(gate) * up of `gate_up(norm(x))` for x (batch, 1, K)."""
-    batch, dim = x.shape[0], x.shape[-1]
-    hidden = gate_up.weight.shape[0] // 2
+    batch, (rows, dim) = x.shape[0], gate_up.weight.shape
+    hidden = rows // 2
     dtype = gate_up.weight.dtype
-    (act,) = _launch("rms_swiglu", [_rows(x, batch, dim, dtype), *_norm_inputs(norm),
+    (act,) = _launch("rms_swiglu", [_rows(x, batch, dim, dtype), *_norm_inputs(norm, dim),
                                     gate_up.weight],
                      hidden, [(batch, 1, hidden)], dtype, B=batch, K=dim, I=hidden)
     return act
@@ -285,10 +288,10 @@ def rms_qkv_rope(x: mx.array, norm: nn.RMSNorm, attn: nn.Module, offset: mx.arra
     queries and keys rotated for position `offset` (an int32 array of one value)."""
     if offset.size != 1:
         raise ValueError(f"offset must hold one position, got shape {tuple(offset.shape)}")
-    batch, dim = x.shape[0], x.shape[-1]
+    batch, dim = x.shape[0], attn.qkv_proj.weight.shape[1]
     hd, nq, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
     dtype = attn.qkv_proj.weight.dtype
-    inputs = [_rows(x, batch, dim, dtype), *_norm_inputs(norm), attn.qkv_proj.weight,
+    inputs = [_rows(x, batch, dim, dtype), *_norm_inputs(norm, dim), attn.qkv_proj.weight,
               attn.qkv_proj.bias, offset.astype(mx.int32), inv_freq]
     shapes = [(batch, nq, 1, hd), (batch, nkv, 1, hd), (batch, nkv, 1, hd)]
     q, k, v = _launch("rms_qkv_rope", inputs, (nq + 2 * nkv) * hd // 2, shapes, dtype,
