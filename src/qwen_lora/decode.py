@@ -43,9 +43,9 @@ class DecodeStep:
         if not self.layers:
             raise ValueError("the model has no layers")
         embed, norm = model.model.embed_tokens, model.model.norm
-        tied = model.config.tie_word_embeddings
-        head_module = embed if tied else model.lm_head
-        head = embed.as_linear if tied else head_module  # as Model.head, without the model
+        head_module = model.head_module
+        # as Model.head, without holding the model
+        head = embed.as_linear if head_module is embed else head_module
         self.kernels_available = cuda_decode.available()  # decode_step rebuilds if it changes
         self.fused = (self.kernels_available
                       and all(cuda_decode.supports(layer) for layer in self.layers))

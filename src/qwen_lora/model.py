@@ -325,6 +325,11 @@ class Model(nn.Module):
         return self.lm_head(h)
 
     @property
+    def head_module(self) -> nn.Module:
+        """The module holding the output projection's weights (the embedding when tied)."""
+        return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+
+    @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
