@@ -82,9 +82,9 @@ bench-compare: asv-machine
 	  --factor $(FACTOR) --show-stderr "$(BASE)" "$(HEAD)"
 
 # The small workload over RANGE (an asv range: A..B, ALL, HASHFILE:path), skipping commits
-# already measured on this machine.
+# already measured on this machine. --show-stderr: a failed setup says why in the log.
 backfill: asv-machine
-	$(ASV) run $(ASV_SMALL) --skip-existing "$(RANGE)"
+	$(ASV) run $(ASV_SMALL) --skip-existing --show-stderr "$(RANGE)"
 
 publish: $(STAMP)
 	$(ASV) publish

@@ -75,7 +75,10 @@ def make(repo: Path, home: Path, *args: str, check: bool = True,
                           env={**os.environ, "HOME": str(home), "ASV_MACHINE": MACHINE,
                                **(env or {})})
     if check and proc.returncode != 0:
+        # the first failure's traceback (--show-stderr) first: the tail is mostly tables
+        first = max(proc.stdout.find(" failed"), 0)
         raise AssertionError(f"make {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout[first:first + 4000]}\n...\n"
                              f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}")
     return proc
 
