@@ -6,9 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen_lora import Sampler, make_sampler
+from qwen_lora import Sampler, cuda_decode, cuda_sampling, make_sampler
 
-BACKENDS = ["numpy", "mlx"]
+needs_cuda = pytest.mark.skipif(not cuda_decode.available(), reason="needs MLX's CUDA backend")
+BACKENDS = ["numpy", "mlx", pytest.param("cuda", marks=needs_cuda)]
 
 
 def logits_for(probs):
@@ -178,3 +179,102 @@ def test_top_k_keeps_exactly_k_when_the_kth_logit_is_tied():
     # With two candidates at nearly equal weight, the best wins about half the draws (a tie
     # kept whole would make it one fifth).
     assert 0.45 < seen.count(0) / len(seen) < 0.57
+
+
+# -- the CUDA kernel (qwen_lora.cuda_sampling) -----------------------------------------------
+
+def expected_distribution(x: np.ndarray, temperature: float, top_k: int, top_p: float
+                          ) -> np.ndarray:
+    """The distribution `Sampler` draws from, by brute force in float64: the top-k logits
+    (ties with the k-th kept), then the nucleus of their softmax (ties with its last kept)."""
+    x = x.astype(np.float64)
+    keep = np.ones(len(x), dtype=bool)
+    if 0 < top_k < len(x):
+        keep &= x >= np.sort(x)[-top_k]
+    w = np.where(keep, np.exp((x - x.max()) / temperature), 0.0)
+    if top_p < 1.0:
+        values, which = np.unique(x, return_inverse=True)  # ascending
+        mass = np.bincount(which, weights=w, minlength=len(values))
+        likelier = (np.cumsum(mass[::-1])[::-1] - mass)[which]  # mass of greater values
+        keep &= likelier < top_p * w.sum()
+        w = np.where(keep, w, 0.0)
+    return w / w.sum()
+
+
+def kernel_draws(x: np.ndarray, temperature: float, top_k: int, top_p: float,
+                 dtype=mx.float32, rows: int = 2048, calls: int = 10) -> np.ndarray:
+    """Token counts of rows x calls draws (each row of a call is an independent draw)."""
+    logits = mx.broadcast_to(mx.array(x).astype(dtype)[None], (rows, len(x)))
+    key = mx.random.key(0)
+    params = mx.array([1.0 / temperature, top_p], dtype=mx.float32)
+    counts = np.zeros(len(x), dtype=np.int64)
+    for _ in range(calls):
+        tokens, key = cuda_sampling.sample(logits, key, params, top_k)
+        counts += np.bincount(np.array(tokens), minlength=len(x))
+    return counts
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", [
+    dict(x=np.random.default_rng(0).normal(size=50) * 2, temperature=1.0, top_k=0, top_p=0.8),
+    # a flat distribution and a tiny top_p: the draws miss, the radix selection decides
+    dict(x=np.random.default_rng(1).normal(size=1000) * 0.01, temperature=1.0, top_k=0,
+         top_p=0.02),
+    dict(x=np.random.default_rng(2).normal(size=300), temperature=0.7, top_k=10, top_p=1.0),
+    dict(x=np.random.default_rng(3).normal(size=300), temperature=0.7, top_k=10, top_p=0.5),
+    dict(x=np.random.default_rng(4).normal(size=3000), temperature=2.0, top_k=0, top_p=1.0),
+    dict(x=np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0]), temperature=1.0, top_k=0,
+         top_p=0.3),  # ties with the nucleus' last token belong to it
+    dict(x=np.array([3.0, 1.0, 1.0, 1.0, 0.0, -2.0]), temperature=1.0, top_k=2,
+         top_p=1.0),  # and with the k-th
+], ids=["top-p", "top-p-fallback", "top-k", "top-k-top-p", "temperature", "tied-p", "tied-k"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_cuda_kernel_draws_from_the_expected_distribution(case, dtype):
+    x = np.array(mx.array(case["x"].astype(np.float32)).astype(dtype).astype(mx.float32))
+    want = expected_distribution(x, case["temperature"], case["top_k"], case["top_p"])
+    counts = kernel_draws(x, case["temperature"], case["top_k"], case["top_p"], dtype)
+    n = counts.sum()
+    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
+    got = counts / n
+    sigma = np.sqrt(want * (1 - want) / n)
+    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+
+
+@needs_cuda
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (50, 1.0), (50, 0.9)])
+def test_cuda_kernel_over_qwens_vocabulary(top_k, top_p):
+    """151,936 half-precision logits, 64 rows: every draw in the brute-force support."""
+    rows = np.random.default_rng(5).normal(size=(64, 151936)).astype(np.float32) * 3
+    logits = mx.array(rows).astype(mx.float16)
+    params = mx.array([1 / 0.7, top_p], dtype=mx.float32)
+    tokens, _ = cuda_sampling.sample(logits, mx.random.key(1), params, top_k)
+    x = np.array(logits.astype(mx.float32))
+    for row, token in zip(x, np.array(tokens).tolist(), strict=True):
+        assert expected_distribution(row, 0.7, top_k, top_p)[token] > 0
+
+
+@needs_cuda
+def test_cuda_kernel_returns_a_new_key_and_odd_sizes_work():
+    key = mx.random.key(3)
+    params = mx.array([1.0, 0.9], dtype=mx.float32)
+    for vocab in (1, 7, 511, 513, 5000):
+        x = mx.random.normal((3, vocab), key=mx.random.key(vocab))
+        tokens, next_key = cuda_sampling.sample(x, key, params)
+        assert tokens.shape == (3,) and tokens.dtype == mx.int32
+        assert ((np.array(tokens) >= 0) & (np.array(tokens) < vocab)).all()
+        assert next_key.dtype == mx.uint32 and next_key.shape == (2,)
+        assert not np.array_equal(np.array(next_key), np.array(key))
+
+
+def test_cuda_backend_says_what_it_needs(monkeypatch):
+    monkeypatch.setenv("QWEN_LORA_CUDA_KERNELS", "off")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        Sampler(temperature=1.0, backend="cuda")(mx.zeros((1, 4)))
+
+
+def test_cuda_sample_checks_its_inputs():
+    params = mx.array([1.0, 0.9], dtype=mx.float32)
+    with pytest.raises(ValueError, match="batch, vocab"):
+        cuda_sampling.sample(mx.zeros((4,)), mx.random.key(0), params)
+    with pytest.raises(ValueError, match="random key"):
+        cuda_sampling.sample(mx.zeros((1, 4)), mx.zeros((2,)), params)

@@ -159,16 +159,23 @@ _RMS_QKV_ROPE = """
 """
 
 
+def hashed_kernel(name: str, inputs: list[str], outputs: list[str], source: str,
+                  header: str) -> object:
+    """`mx.fast.cuda_kernel` named after a hash of its code: MLX caches compiled kernels on
+    disk by name (the name plus the template values; MLX_PTX_CACHE_DIR, else under the
+    temporary directory), not by code, so an edited kernel must not reuse the name."""
+    digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"qwen_lora_{name}_{digest}", input_names=inputs,
+                               output_names=outputs, source=source, header=header)
+
+
 @functools.cache
 def _kernels() -> dict[str, object]:
+    header = _HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
+
     def make(name: str, inputs: list[str], outputs: list[str], source: str) -> object:
-        header = _HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
-        # MLX caches compiled kernels on disk by name (this name plus the template values;
-        # MLX_PTX_CACHE_DIR, else under the temporary directory), not by code: a hash of the
-        # code in the name keeps an edited kernel from loading an older one's binary.
-        digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
-        return mx.fast.cuda_kernel(name=f"qwen_lora_{name}_{digest}", input_names=inputs,
-                                   output_names=outputs, source=source, header=header)
+        return hashed_kernel(name, inputs, outputs, source, header)
+
     return {
         "matvec_add": make("matvec_add", ["x", "w", "res"], ["y"], _MATVEC_ADD),
         "rms_swiglu": make("rms_swiglu", ["x", "nw", "eps", "w"], ["act"], _RMS_SWIGLU),

@@ -1,8 +1,10 @@
 """Token samplers: greedy, temperature, top-k and top-p (nucleus), composable and seedable.
 
-Two equivalent implementations: numpy on CPUs, where MLX's element-wise ops and sort are slow
-(top-p over 151,936 logits costs ~0.2 ms here instead of ~20 ms), and MLX on GPUs, where the
-logits stay on the device and sampling remains part of the lazy graph.
+Three equivalent implementations: numpy on CPUs, where MLX's element-wise ops and sort are
+slow (top-p over 151,936 logits costs ~0.2 ms here instead of ~20 ms); MLX operations on GPUs,
+where the logits stay on the device and sampling remains part of the lazy graph; and, by
+choice (`backend="cuda"`), one CUDA kernel on MLX's CUDA backend (`qwen_lora.cuda_sampling`:
+no sort, one launch), not the default until it has been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
+from qwen_lora import cuda_decode, cuda_sampling
+
 
 class Sampler:
     """Pick the next token from logits of shape (batch, vocab); returns int32 ids (batch,).
 
     temperature 0 is greedy (top_k and top_p are then irrelevant); top_k 0 and top_p 1 are off.
     top-p keeps the smallest set of most likely tokens whose probability mass reaches `top_p`.
+    `backend`: 'numpy', 'mlx' or 'cuda' (one kernel, on MLX's CUDA backend); by default
+    numpy on CPUs and MLX operations on GPUs.
     """
 
     NUCLEUS_TRIES = 8  # rejection draws of top-p on the numpy path before the exact search
@@ -33,8 +39,8 @@ class Sampler:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
         if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
-        if backend not in (None, "numpy", "mlx"):
-            raise ValueError(f"backend must be 'numpy' or 'mlx', got {backend!r}")
+        if backend not in (None, "numpy", "mlx", "cuda"):
+            raise ValueError(f"backend must be 'numpy', 'mlx' or 'cuda', got {backend!r}")
         self.temperature = float(temperature)
         self.top_k = top_k
         self.top_p = float(top_p)
@@ -44,6 +50,7 @@ class Sampler:
         self._buffers: dict[tuple[int, int, type], np.ndarray] = {}
         self._compiled: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]] | None = None
         self._key = mx.random.key(seed if seed is not None else int(self._rng.integers(2**31)))
+        self._params: mx.array | None = None  # the CUDA kernel's [1 / temperature, top_p]
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +66,8 @@ class Sampler:
             logits = logits[None]
         if backend == "numpy":
             return mx.array(self.sample_numpy(np.asarray(logits.astype(mx.float32))))
+        if backend == "cuda":
+            return self.sample_cuda(logits)
         return self.sample_mlx(logits)
 
     # numpy ------------------------------------------------------------------------------
@@ -181,6 +190,21 @@ class Sampler:
         if self._compiled is None:
             self._compiled = mx.compile(_mlx_sampler(self.temperature, self.top_k, self.top_p))
         tokens, self._key = self._compiled(logits, self._key)
+        return tokens
+
+    # cuda -------------------------------------------------------------------------------
+    def sample_cuda(self, logits: mx.array) -> mx.array:
+        """Sample with one CUDA kernel (`qwen_lora.cuda_sampling`), lazily."""
+        if not cuda_decode.available():
+            raise RuntimeError("Sampler(backend='cuda') needs MLX's CUDA backend and "
+                               "QWEN_LORA_CUDA_KERNELS not off")
+        if self.greedy:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        if self._params is None:
+            self._params = mx.array([1.0 / self.temperature, self.top_p], dtype=mx.float32)
+        if logits.dtype not in cuda_sampling.DTYPES:
+            logits = logits.astype(mx.float32)
+        tokens, self._key = cuda_sampling.sample(logits, self._key, self._params, self.top_k)
         return tokens
 
 

@@ -1,0 +1,186 @@
+"""The CUDA sampling kernel's own source, run on the CPU (tests/cuda_emu.h: each thread a
+fiber, barriers and warp shuffles emulated), against the brute-force distribution: what
+tests/test_sampling.py checks on a GPU, checked everywhere g++ is. Blocks of 64 threads
+(two warps) instead of 512, so that the block-wide scans and reductions still cross warps.
+The distributions are slow tests (`make test-slow`, CI); one batch of rows is a fast one."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sampling import expected_distribution
+
+from qwen_lora import cuda_sampling
+
+THREADS = 64
+HERE = Path(__file__).parent
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+def kernel_source(vocab: int, top_k: int) -> str:
+    header = cuda_sampling._HEADER.replace("QS_THREADS THREADS", f"QS_THREADS {THREADS}")
+    return f"""#include "cuda_emu.h"
+{header}
+template <typename T, int V, int TOPK, int TRIES>
+void qs_kernel(const T* logits, const uint32_t* key, const float* params, int32_t* tokens,
+               uint32_t* next_key) {{
+{cuda_sampling._SAMPLE}
+}}
+
+extern "C" int run(const float* logits, unsigned batch, const uint32_t* key,
+                   const float* params, int32_t* tokens, uint32_t* next_key) {{
+  bool ok = emu::launch(batch, {THREADS}, [&] {{
+    qs_kernel<float, {vocab}, {top_k}, {cuda_sampling.TRIES}>(logits, key, params, tokens,
+                                                               next_key);
+  }});
+  return ok ? 0 : 1;
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """Compiles (once per vocabulary size and top-k) the kernel into a shared library."""
+    root = tmp_path_factory.mktemp("cuda-emu")
+    libraries: dict[tuple[int, int], ctypes.CDLL] = {}
+
+    def get(vocab: int, top_k: int) -> ctypes.CDLL:
+        if (vocab, top_k) not in libraries:
+            source = kernel_source(vocab, top_k)
+            name = hashlib.sha256(source.encode()).hexdigest()[:16]
+            (root / f"{name}.cpp").write_text(source)
+            proc = subprocess.run(
+                ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Werror",
+                 "-Wno-unknown-pragmas", "-Wno-sign-compare", f"-I{HERE}",
+                 f"{name}.cpp", "-o", f"{name}.so"],
+                cwd=root, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            libraries[vocab, top_k] = ctypes.CDLL(str(root / f"{name}.so"))
+        return libraries[vocab, top_k]
+
+    return get
+
+
+def run_kernel(lib: ctypes.CDLL, logits: np.ndarray, key: tuple[int, int],
+               temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    batch = logits.shape[0]
+    key_arr = np.array(key, dtype=np.uint32)
+    params = np.array([1.0 / temperature, top_p], dtype=np.float32)
+    tokens = np.full(batch, -7, dtype=np.int32)
+    next_key = np.zeros(2, dtype=np.uint32)
+    ptr = np.ctypeslib.as_ctypes
+    status = lib.run(ptr(logits.reshape(-1)), ctypes.c_uint(batch), ptr(key_arr), ptr(params),
+                     ptr(tokens), ptr(next_key))
+    assert status == 0, "the kernel deadlocked: threads wait at a barrier others never reach"
+    return tokens, next_key
+
+
+CASES = {
+    "top-p": dict(x=np.random.default_rng(0).normal(size=50) * 2, temperature=1.0, top_k=0,
+                  top_p=0.8),
+    # a flat distribution and a tiny top_p: the draws miss, the radix selection decides
+    "top-p-fallback": dict(x=np.random.default_rng(1).normal(size=1000) * 0.01,
+                           temperature=1.0, top_k=0, top_p=0.02),
+    "top-k": dict(x=np.random.default_rng(2).normal(size=300), temperature=0.7, top_k=10,
+                  top_p=1.0),
+    "top-k-top-p": dict(x=np.random.default_rng(3).normal(size=300), temperature=0.7,
+                        top_k=10, top_p=0.5),
+    "temperature": dict(x=np.random.default_rng(4).normal(size=200), temperature=2.0, top_k=0,
+                        top_p=1.0),
+    "tied-p": dict(x=np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0]), temperature=1.0,
+                   top_k=0, top_p=0.3),  # ties with the nucleus' last token belong to it
+    "tied-k": dict(x=np.array([3.0, 1.0, 1.0, 1.0, 0.0, -2.0]), temperature=1.0, top_k=2,
+                   top_p=1.0),  # and with the k-th
+    "negative": dict(x=-5.0 - np.abs(np.random.default_rng(5).normal(size=97)) * 3,
+                     temperature=0.5, top_k=7, top_p=0.6),  # keys of negative floats
+    # consecutive floats: the top-k boundary falls between neighbouring bins of the last
+    # radix digit, where an off-by-one in the selection keeps a fourth token
+    "adjacent-k": dict(x=1.0 + np.arange(20) * 2.0**-23, temperature=1.0, top_k=3,
+                       top_p=1.0),
+    "tiny-p": dict(x=np.array([0.2, 0.9, 0.1, 0.9]), temperature=1.0, top_k=0,
+                   top_p=1e-45),  # rounds to 0: the most likely (tied) tokens only
+}
+
+
+@pytest.mark.slow  # ~4 s a case: fibers switch thousands of times a row
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_kernel_draws_from_the_expected_distribution(build, name):
+    case = CASES[name]
+    x = case["x"].astype(np.float32)
+    want = expected_distribution(x, case["temperature"], case["top_k"],
+                                 max(case["top_p"], 1e-30))
+    lib = build(len(x), case["top_k"])
+    rows, calls = 300, 3
+    counts = np.zeros(len(x), dtype=np.int64)
+    key = (1, 2)
+    for _ in range(calls):
+        tokens, next_key = run_kernel(lib, np.tile(x, (rows, 1)), key, case["temperature"],
+                                      case["top_p"])
+        assert ((tokens >= 0) & (tokens < len(x))).all()
+        counts += np.bincount(tokens, minlength=len(x))
+        key = tuple(int(k) for k in next_key)
+    n = counts.sum()
+    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
+    got = counts / n
+    sigma = np.sqrt(want * (1 - want) / n)
+    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+
+
+def test_emulated_kernel_rows_and_keys(build):
+    """Rows are independent draws, a key repeats its draws, the next key differs."""
+    x = np.random.default_rng(6).normal(size=(6, 130)).astype(np.float32)
+    x[3] = -np.inf
+    x[3, 17] = 0.0  # one finite logit: always that token
+    lib = build(130, 0)
+    a, next_a = run_kernel(lib, x, (5, 6), 0.8, 0.9)
+    b, next_b = run_kernel(lib, x, (5, 6), 0.8, 0.9)
+    c, _ = run_kernel(lib, x, (5, 7), 0.8, 0.9)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(next_a, next_b)
+    assert not np.array_equal(a, c)
+    assert tuple(next_a) != (5, 6)
+    assert a[3] == 17
+    for row, token in zip(x, a, strict=True):
+        assert expected_distribution(row, 0.8, 0, 0.9)[token] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_kernel_compiles_for_an_h100(tmp_path):
+    """The kernel as MLX wraps it (its `inf` macro included), for each logits type, compiled
+    by nvcc for sm_90: what a GPU would compile at the first call, checked without one
+    (ptxas: 35-40 registers a thread, far below the 128 that 512-thread blocks allow)."""
+    header = cuda_sampling._HEADER.replace("QS_THREADS THREADS",
+                                           f"QS_THREADS {cuda_sampling.THREADS}")
+    source = f"""#include <cstdint>
+#include <cooperative_groups.h>
+#include <cuda/std/limits>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define inf cuda::std::numeric_limits<float>::infinity()
+{header}
+template <typename T, int V, int TOPK, int TRIES>
+__global__ void qs_kernel(const T* logits, const uint32_t* key, const float* params,
+                          int32_t* tokens, uint32_t* next_key) {{
+{cuda_sampling._SAMPLE}
+}}
+template __global__ void qs_kernel<float, 151936, 0, 8>(const float*, const uint32_t*,
+    const float*, int32_t*, uint32_t*);
+template __global__ void qs_kernel<__half, 151936, 50, 8>(const __half*, const uint32_t*,
+    const float*, int32_t*, uint32_t*);
+template __global__ void qs_kernel<__nv_bfloat16, 1000, 0, 8>(const __nv_bfloat16*,
+    const uint32_t*, const float*, int32_t*, uint32_t*);
+"""
+    (tmp_path / "kernel.cu").write_text(source)
+    proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "--Werror",
+                           "all-warnings", "kernel.cu", "-o", "kernel.cubin"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
