@@ -137,12 +137,11 @@ inline V from_bits(uint64_t b) {
 // The value of lane `src` of this warp (the caller's own where src is outside the warp).
 template <typename V>
 inline V shuffle(V v, int src) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int warp = threadIdx.x >> 5;
   exchange[threadIdx.x] = bits(v);
   arrive(1 + warp);
   V got = (src >= 0 && src < 32) ? from_bits<V>(exchange[warp * 32 + src]) : v;
   arrive(1 + warp);
-  (void)lane;
   return got;
 }
 

@@ -214,22 +214,38 @@ def kernel_draws(x: np.ndarray, temperature: float, top_k: int, top_p: float,
     return counts
 
 
-@needs_cuda
-@pytest.mark.parametrize("case", [
-    dict(x=np.random.default_rng(0).normal(size=50) * 2, temperature=1.0, top_k=0, top_p=0.8),
+KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CPU (emulated)
+    "top-p": dict(x=np.random.default_rng(0).normal(size=50) * 2, temperature=1.0, top_k=0,
+                  top_p=0.8),
     # a flat distribution and a tiny top_p: the draws miss, the radix selection decides
-    dict(x=np.random.default_rng(1).normal(size=1000) * 0.01, temperature=1.0, top_k=0,
-         top_p=0.02),
-    dict(x=np.random.default_rng(2).normal(size=300), temperature=0.7, top_k=10, top_p=1.0),
-    dict(x=np.random.default_rng(3).normal(size=300), temperature=0.7, top_k=10, top_p=0.5),
-    dict(x=np.random.default_rng(4).normal(size=3000), temperature=2.0, top_k=0, top_p=1.0),
-    dict(x=np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0]), temperature=1.0, top_k=0,
-         top_p=0.3),  # ties with the nucleus' last token belong to it
-    dict(x=np.array([3.0, 1.0, 1.0, 1.0, 0.0, -2.0]), temperature=1.0, top_k=2,
-         top_p=1.0),  # and with the k-th
-], ids=["top-p", "top-p-fallback", "top-k", "top-k-top-p", "temperature", "tied-p", "tied-k"])
+    "top-p-fallback": dict(x=np.random.default_rng(1).normal(size=1000) * 0.01,
+                           temperature=1.0, top_k=0, top_p=0.02),
+    "top-k": dict(x=np.random.default_rng(2).normal(size=300), temperature=0.7, top_k=10,
+                  top_p=1.0),
+    "top-k-top-p": dict(x=np.random.default_rng(3).normal(size=300), temperature=0.7,
+                        top_k=10, top_p=0.5),
+    "temperature": dict(x=np.random.default_rng(4).normal(size=3000), temperature=2.0,
+                        top_k=0, top_p=1.0),
+    "tied-p": dict(x=np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0]), temperature=1.0,
+                   top_k=0, top_p=0.3),  # ties with the nucleus' last token belong to it
+    "tied-k": dict(x=np.array([3.0, 1.0, 1.0, 1.0, 0.0, -2.0]), temperature=1.0, top_k=2,
+                   top_p=1.0),  # and with the k-th
+    "negative": dict(x=-5.0 - np.abs(np.random.default_rng(5).normal(size=97)) * 3,
+                     temperature=0.5, top_k=7, top_p=0.6),  # keys of negative floats
+    # consecutive floats: the top-k boundary falls between neighbouring bins of the last
+    # radix digit, where an off-by-one in the selection keeps a fourth token
+    "adjacent-k": dict(x=1.0 + np.arange(20) * 2.0**-23, temperature=1.0, top_k=3,
+                       top_p=1.0),
+    "tiny-p": dict(x=np.array([0.2, 0.9, 0.1, 0.9]), temperature=1.0, top_k=0,
+                   top_p=1e-45),  # rounds to 0: the most likely (tied) tokens only
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
-def test_cuda_kernel_draws_from_the_expected_distribution(case, dtype):
+def test_cuda_kernel_draws_from_the_expected_distribution(name, dtype):
+    case = KERNEL_CASES[name]
     x = np.array(mx.array(case["x"].astype(np.float32)).astype(dtype).astype(mx.float32))
     want = expected_distribution(x, case["temperature"], case["top_k"], case["top_p"])
     counts = kernel_draws(x, case["temperature"], case["top_k"], case["top_p"], dtype)

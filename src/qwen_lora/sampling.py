@@ -199,7 +199,7 @@ class Sampler:
             raise RuntimeError("Sampler(backend='cuda') needs MLX's CUDA backend and "
                                "QWEN_LORA_CUDA_KERNELS not off")
         if self.greedy:
-            return mx.argmax(logits, axis=-1).astype(mx.int32)
+            return self.sample_mlx(logits)  # an argmax
         if self._params is None:
             self._params = mx.array([1.0 / self.temperature, self.top_p], dtype=mx.float32)
         if logits.dtype not in cuda_sampling.DTYPES:
