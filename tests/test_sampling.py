@@ -282,6 +282,15 @@ def test_cuda_kernel_returns_a_new_key_and_odd_sizes_work():
         assert not np.array_equal(np.array(next_key), np.array(key))
 
 
+def test_default_backend_follows_the_device(monkeypatch):
+    if mx.default_device() == mx.cpu:
+        assert Sampler.default_backend() == "numpy"
+        return
+    assert Sampler.default_backend() == ("cuda" if cuda_decode.available() else "mlx")
+    monkeypatch.setenv("QWEN_LORA_CUDA_KERNELS", "off")
+    assert Sampler.default_backend() == "mlx"
+
+
 def test_cuda_backend_says_what_it_needs(monkeypatch):
     monkeypatch.setenv("QWEN_LORA_CUDA_KERNELS", "off")
     with pytest.raises(RuntimeError, match="CUDA"):

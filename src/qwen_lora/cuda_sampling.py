@@ -17,9 +17,8 @@ Tokens tied with the nucleus' (or the k-th) last token belong to it, as in `Samp
 implementations. Random numbers come from a counter-based hash of the sampler's key, row and
 draw; the kernel also returns the next key, so a call is one kernel and nothing else.
 
-Used by `Sampler(backend="cuda")`. Tested without a GPU by tests/test_cuda_sampling_emulated.py
-(this source run on the CPU with emulated threads; compiled by nvcc for sm_90); not yet run
-or timed on a GPU, so not yet the default there.
+`Sampler`'s default on MLX's CUDA backend (`backend="cuda"`). Also tested without a GPU by
+tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Token samplers: greedy, temperature, top-k and top-p (nucleus), composable and seedable.
 
 Three equivalent implementations: numpy on CPUs, where MLX's element-wise ops and sort are
-slow (top-p over 151,936 logits costs ~0.2 ms here instead of ~20 ms); MLX operations on GPUs,
-where the logits stay on the device and sampling remains part of the lazy graph; and, by
-choice (`backend="cuda"`), one CUDA kernel on MLX's CUDA backend (`qwen_lora.cuda_sampling`:
-no sort, one launch), not the default until it has been measured on a GPU.
+slow (top-p over 151,936 logits costs ~0.2 ms here instead of ~20 ms); on MLX's CUDA backend,
+one CUDA kernel of our own (`qwen_lora.cuda_sampling`: no sort, one launch); MLX operations on
+other GPUs (Metal), where the logits stay on the device and sampling remains part of the
+lazy graph.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ class Sampler:
     temperature 0 is greedy (top_k and top_p are then irrelevant); top_k 0 and top_p 1 are off.
     top-p keeps the smallest set of most likely tokens whose probability mass reaches `top_p`.
     `backend`: 'numpy', 'mlx' or 'cuda' (one kernel, on MLX's CUDA backend); by default
-    numpy on CPUs and MLX operations on GPUs.
+    numpy on CPUs, the kernel on CUDA (unless QWEN_LORA_CUDA_KERNELS is off), MLX
+    operations on other GPUs.
     """
 
     NUCLEUS_TRIES = 8  # rejection draws of top-p on the numpy path before the exact search
@@ -61,7 +62,7 @@ class Sampler:
                 f"top_p={self.top_p}, seed={self.seed})")
 
     def __call__(self, logits: mx.array) -> mx.array:
-        backend = self.backend or ("numpy" if mx.default_device() == mx.cpu else "mlx")
+        backend = self.backend or self.default_backend()
         if logits.ndim == 1:
             logits = logits[None]
         if backend == "numpy":
@@ -69,6 +70,13 @@ class Sampler:
         if backend == "cuda":
             return self.sample_cuda(logits)
         return self.sample_mlx(logits)
+
+    @staticmethod
+    def default_backend() -> str:
+        """The backend a Sampler without one uses on MLX's default device."""
+        if mx.default_device() == mx.cpu:
+            return "numpy"
+        return "cuda" if cuda_decode.available() else "mlx"
 
     # numpy ------------------------------------------------------------------------------
     def sample_numpy(self, logits: np.ndarray) -> np.ndarray:
