@@ -154,6 +154,10 @@ inline V __shfl_xor_sync(unsigned, V v, int o) {
   return emu::shuffle(v, static_cast<int>(threadIdx.x & 31) ^ o);
 }
 template <typename V>
+inline V __shfl_sync(unsigned, V v, int src) {
+  return emu::shuffle(v, src);
+}
+template <typename V>
 inline V __shfl_up_sync(unsigned, V v, int o) {
   return emu::shuffle(v, static_cast<int>(threadIdx.x & 31) - o);
 }
@@ -181,3 +185,11 @@ inline float atomicAdd(float* p, float v) {
 inline unsigned __float_as_uint(float f) { return emu::from_bits<unsigned>(emu::bits(f)); }
 inline float __int_as_float(int i) { return emu::from_bits<float>(emu::bits(i)); }
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+
+struct float4 {
+  float x, y, z, w;
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};

@@ -3,15 +3,19 @@
 MLX's top-p sorts the vocabulary (151,936 logits) and runs a dozen operations around the
 sort: ~0.46 ms a token on an H100, 17% of a decoding forward pass, where each evaluated
 operation costs microseconds of host time. Here one block of threads per row does it all
-in a few passes over the row, without sorting:
+in a few passes over the row, without sorting; each thread reads groups of 8 logits (16-byte
+loads) and owns every 512th group:
 
-- the row's maximum, then each thread's sum of weights exp((x - max) / temperature);
-- top-k: the k-th largest logit by a radix select (four passes of 256-bin histograms);
-- top-p by rejection: a token drawn from the whole distribution (inverse transform over
-  the threads' prefix sums) is in the nucleus exactly when the tokens likelier than it hold
-  less than top_p of the mass, so a draw is kept with probability >= top_p. After `TRIES`
-  misses (a tiny top_p over a flat distribution) a radix select over the weights finds the
-  nucleus' smallest logit and the draw is made inside it.
+- one pass: the row's maximum and each thread's sum of weights 2^((x - max) log2(e) / T),
+  online (a thread rescales its sum when its maximum grows), then a block-wide prefix sum;
+- a draw (inverse transform): the thread whose prefix holds it is found by a reduction, and
+  its warp walks that thread's groups, 32 at a time, with a warp prefix sum;
+- top-k: the k-th largest logit by a radix select (four passes of 256-bin histograms, one
+  shared-memory atomic per distinct bin of a warp);
+- top-p by rejection: a drawn token is in the nucleus exactly when the tokens likelier than
+  it hold less than top_p of the mass (one more pass), so a draw is kept with probability
+  >= top_p. After `TRIES` misses (a tiny top_p over a flat distribution) a radix select over
+  the weights finds the nucleus' smallest logit and the draw is made inside it.
 
 Tokens tied with the nucleus' (or the k-th) last token belong to it, as in `Sampler`'s other
 implementations. Random numbers come from a counter-based hash of the sampler's key, row and
@@ -35,6 +39,8 @@ TRIES = 8  # rejection draws of top-p before the exact selection
 _HEADER = """
 #define QS_THREADS THREADS
 #define QS_WARPS (QS_THREADS / 32)
+#define QS_VEC 8  // a thread's elements come in groups of 8: one or two 16-byte loads
+#define QS_FULL 0xffffffffu
 
 // Float order as unsigned order (negative numbers reversed), for radix selection.
 __device__ inline unsigned qs_key(float f) {
@@ -64,7 +70,7 @@ __device__ inline float qs_reduce(float v, Op op) {
   __shared__ float part[QS_WARPS];
   __shared__ float result;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(QS_FULL, v, o));
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -78,18 +84,22 @@ __device__ inline float qs_reduce(float v, Op op) {
   return r;
 }
 
+// The sum of v over the lanes up to this one (inclusive), within the warp.
+__device__ inline float qs_warp_scan(float v) {
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    float n = __shfl_up_sync(QS_FULL, v, o);
+    if (lane >= o) v += n;
+  }
+  return v;
+}
+
 // The sum of v over the threads before this one (in thread order), and over all of them.
 __device__ inline float qs_exclusive_scan(float v, float* total) {
   __shared__ float part[QS_WARPS];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float incl = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    float n = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += n;
-  }
-  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
-  if (lane == 0) excl = 0.f;
+  float incl = qs_warp_scan(v);
   if (lane == 31) part[warp] = incl;
   __syncthreads();
   float before = 0.f, all = 0.f;
@@ -99,18 +109,77 @@ __device__ inline float qs_exclusive_scan(float v, float* total) {
   }
   __syncthreads();
   *total = all;
-  return before + excl;
+  return before + incl - v;
 }
 
-// The weight of logit v: exp((v - m) * scale) where its key is >= kmin, else 0.
-__device__ inline float qs_weight(float v, float m, float scale, unsigned kmin) {
-  return qs_key(v) >= kmin ? expf((v - m) * scale) : 0.f;
+// Thread t owns the groups t, t + QS_THREADS, t + 2 QS_THREADS, ... of QS_VEC elements: each
+// load of a warp is 512 contiguous bytes. Loads group g as floats, -inf past the row's end.
+template <typename T, int V>
+__device__ inline void qs_load(const T* x, int g, bool aligned, float* v) {
+  int base = g * QS_VEC;
+  if (aligned && base + QS_VEC <= V) {
+    if constexpr (sizeof(T) == 2) {
+      uint4 raw = *reinterpret_cast<const uint4*>(x + base);
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < QS_VEC; ++j) v[j] = static_cast<float>(h[j]);
+    } else {
+      float4 a = *reinterpret_cast<const float4*>(x + base);
+      float4 b = *reinterpret_cast<const float4*>(x + base + 4);
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      v[j] = base + j < V ? static_cast<float>(x[base + j]) : __int_as_float(0xff800000);
+    }
+  }
+}
+
+#define QS_GROUPS(V) (((V) + QS_VEC - 1) / QS_VEC)
+
+// The weight of logit v: 2^((v - m) c) (c: log2(e) / temperature) where its key is >= kmin.
+__device__ inline float qs_weight(float v, float m, float c, unsigned kmin) {
+  return qs_key(v) >= kmin ? exp2f((v - m) * c) : 0.f;
+}
+
+// hist[bins[j]] += vals[j] for the bits j of `pending`, over the warp: one shared-memory
+// atomic per distinct bin of the warp's elements, not one per element (logits crowd into a
+// few bins of their top byte, where atomics on one address serialize: 4 ms a top-k over
+// 151,936 logits on an H100 with one atomic per element).
+__device__ inline void qs_hist_add(float* hist, unsigned pending, const unsigned* bins,
+                                   const float* vals) {
+  int lane = threadIdx.x & 31;
+  unsigned todo = __ballot_sync(QS_FULL, pending != 0u);
+  while (todo) {
+    int leader = __ffs(todo) - 1;
+    unsigned first = 0u;  // the bin of this lane's first pending element
+#pragma unroll
+    for (int j = QS_VEC - 1; j >= 0; --j) {
+      if (pending & (1u << j)) first = bins[j];
+    }
+    unsigned b = __shfl_sync(QS_FULL, first, leader);
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      if ((pending & (1u << j)) && bins[j] == b) {
+        s += vals[j];
+        pending &= ~(1u << j);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(QS_FULL, s, o);
+    if (lane == leader) atomicAdd(&hist[b], s);
+    todo = __ballot_sync(QS_FULL, pending != 0u);
+  }
 }
 
 // The largest key t such that the weight of the keys >= t (of those >= kmin) reaches goal:
-// the count of them with COUNT, else their exp weights. Four passes of 256-bin histograms.
+// the count of them with COUNT, else their weights. Four passes of 256-bin histograms.
 template <typename T, int V, bool COUNT>
-__device__ unsigned qs_select(const T* x, float m, float scale, unsigned kmin, float goal) {
+__device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsigned kmin,
+                              float goal) {
   __shared__ float hist[256];
   __shared__ unsigned chosen_prefix;
   __shared__ float chosen_above;
@@ -120,12 +189,21 @@ __device__ unsigned qs_select(const T* x, float m, float scale, unsigned kmin, f
     for (int j = threadIdx.x; j < 256; j += QS_THREADS) hist[j] = 0.f;
     __syncthreads();
     unsigned high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-    for (int i = threadIdx.x; i < V; i += QS_THREADS) {
-      float v = static_cast<float>(x[i]);
-      unsigned k = qs_key(v);
-      if (k >= kmin && (k & high) == prefix) {
-        atomicAdd(&hist[(k >> shift) & 255u], COUNT ? 1.f : expf((v - m) * scale));
+    for (int g0 = 0; g0 < QS_GROUPS(V); g0 += QS_THREADS) {  // the same trips for all lanes
+      int g = g0 + threadIdx.x;
+      float v[QS_VEC];
+      unsigned bins[QS_VEC], pending = 0u;
+      if (g < QS_GROUPS(V)) qs_load<T, V>(x, g, aligned, v);
+#pragma unroll
+      for (int j = 0; j < QS_VEC; ++j) {
+        unsigned k = g < QS_GROUPS(V) ? qs_key(v[j]) : 0u;
+        bins[j] = (k >> shift) & 255u;
+        if (g * QS_VEC + j < V && k >= kmin && (k & high) == prefix) {
+          pending |= 1u << j;
+          v[j] = COUNT ? 1.f : exp2f((v[j] - m) * c);
+        }
       }
+      qs_hist_add(hist, pending, bins, v);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -139,10 +217,10 @@ __device__ unsigned qs_select(const T* x, float m, float scale, unsigned kmin, f
       float suffix = sum;  // the weight of this lane's bins and all higher ones
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
-        float n = __shfl_down_sync(0xffffffffu, suffix, o);
+        float n = __shfl_down_sync(QS_FULL, suffix, o);
         if (lane + o < 32) suffix += n;
       }
-      unsigned ok = __ballot_sync(0xffffffffu, above + suffix >= goal);
+      unsigned ok = __ballot_sync(QS_FULL, above + suffix >= goal);
       int top = ok ? 31 - __clz(ok) : 0;  // rounding left nothing: keep everything below
       if (lane == top) {
         float run = above + suffix - sum;  // the weight of the higher lanes' bins
@@ -160,86 +238,136 @@ __device__ unsigned qs_select(const T* x, float m, float scale, unsigned kmin, f
   return prefix;
 }
 
-// This thread's sum of weights (keys >= kmin), its exclusive prefix and the row's total.
+// One pass over the row: its maximum (of the keys >= kmin), returned, and this thread's sum
+// of weights relative to it (`mine`), its exclusive prefix over the threads (`before`) and
+// the row's total. An online maximum: each thread rescales its sum when its maximum grows.
 template <typename T, int V>
-__device__ inline float qs_sums(const T* x, float m, float scale, unsigned kmin, float* mine,
-                                float* total) {
-  float s = 0.f;
-  for (int i = threadIdx.x; i < V; i += QS_THREADS) {
-    s += qs_weight(static_cast<float>(x[i]), m, scale, kmin);
+__device__ inline float qs_sums(const T* x, bool aligned, float c, unsigned kmin,
+                                float* mine, float* before, float* total) {
+  const float ninf = __int_as_float(0xff800000);
+  float m = ninf, s = 0.f;
+  for (int g = threadIdx.x; g < QS_GROUPS(V); g += QS_THREADS) {
+    float v[QS_VEC];
+    qs_load<T, V>(x, g, aligned, v);
+    float gm = ninf;
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      if (qs_key(v[j]) < kmin) v[j] = ninf;
+      gm = fmaxf(gm, v[j]);
+    }
+    if (gm == ninf) continue;
+    if (gm > m) {
+      s = m == ninf ? 0.f : s * exp2f((m - gm) * c);
+      m = gm;
+    }
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) s += exp2f((v[j] - m) * c);
   }
+  float row_max = qs_reduce(m, QsMax());
+  s = m == ninf ? 0.f : s * exp2f((m - row_max) * c);
   *mine = s;
-  return qs_exclusive_scan(s, total);
+  *before = qs_exclusive_scan(s, total);
+  return row_max;
 }
 
 // The index where the running sum of weights (keys >= kmin, in the threads' order) passes
-// target: the thread whose range holds target walks its elements.
+// target: the warp of the thread whose range holds target walks that thread's groups, 32
+// at a time.
 template <typename T, int V>
-__device__ int qs_pick(const T* x, float m, float scale, unsigned kmin, float mine,
+__device__ int qs_pick(const T* x, bool aligned, float m, float c, unsigned kmin, float mine,
                        float before, float target) {
   __shared__ int picked;
-  float owner = qs_reduce(mine > 0.f && before <= target ? static_cast<float>(threadIdx.x)
-                                                          : -1.f, QsMax());
-  if (owner < 0.f) return 0;  // no positive weight (NaN logits): a valid index all the same
-  if (threadIdx.x == static_cast<int>(owner)) {
-    float run = before;
-    int pick = -1;
-    for (int i = threadIdx.x; i < V; i += QS_THREADS) {
-      float e = qs_weight(static_cast<float>(x[i]), m, scale, kmin);
-      if (e > 0.f) {
-        pick = i;  // the last positive weight, if rounding keeps run from passing target
-        run += e;
-        if (run > target) break;
+  float owner_f = qs_reduce(mine > 0.f && before <= target ? static_cast<float>(threadIdx.x)
+                                                            : -1.f, QsMax());
+  if (owner_f < 0.f) return 0;  // no positive weight (NaN logits): a valid index all the same
+  int owner = static_cast<int>(owner_f), lane = threadIdx.x & 31;
+  if ((threadIdx.x >> 5) == (owner >> 5)) {
+    float run = __shfl_sync(QS_FULL, before, owner & 31);
+    int last = -1;  // the last positive weight, if rounding keeps run from passing target
+    bool done = false;
+    for (int k0 = 0; !done && owner + k0 * QS_THREADS < QS_GROUPS(V); k0 += 32) {
+      int g = owner + (k0 + lane) * QS_THREADS;
+      float w[QS_VEC], gs = 0.f;
+      if (g < QS_GROUPS(V)) {
+        qs_load<T, V>(x, g, aligned, w);
+#pragma unroll
+        for (int j = 0; j < QS_VEC; ++j) {
+          w[j] = qs_weight(w[j], m, c, kmin);
+          gs += w[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < QS_VEC; ++j) w[j] = 0.f;
       }
+      float incl = qs_warp_scan(gs);
+      unsigned cross = __ballot_sync(QS_FULL, gs > 0.f && run + incl > target);
+      unsigned positive = __ballot_sync(QS_FULL, gs > 0.f);
+      int at = cross ? __ffs(cross) - 1 : (positive ? 31 - __clz(positive) : -1);
+      if (lane == at) {
+        float r = run + incl - gs;
+        for (int j = 0; j < QS_VEC; ++j) {
+          if (w[j] > 0.f) {
+            last = g * QS_VEC + j;
+            r += w[j];
+            if (cross && r > target) break;
+          }
+        }
+      }
+      last = __shfl_sync(QS_FULL, last, at < 0 ? 0 : at);
+      done = cross != 0;
+      run += __shfl_sync(QS_FULL, incl, 31);
     }
-    picked = pick;
+    if (lane == 0) picked = last;
   }
   __syncthreads();
   int r = picked;
   __syncthreads();
-  return r;
+  return r < 0 ? 0 : r;
 }
 """
 
 # token (B,) from logits (B, V); params = [1 / temperature, top_p]; key (2,) uint32 -> next_key.
 _SAMPLE = """
   const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
+  bool aligned = (reinterpret_cast<unsigned long long>(x) & 15ull) == 0;
   unsigned long long seed = (static_cast<unsigned long long>(key[0]) << 32) | key[1];
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     unsigned long long next = qs_mix(seed ^ 0xD1B54A32D192ED03ull);
     next_key[0] = static_cast<unsigned>(next >> 32);
     next_key[1] = static_cast<unsigned>(next);
   }
-  float scale = params[0], top_p = params[1];
-  float m = __int_as_float(0xff800000);  // -inf
-  for (int i = threadIdx.x; i < V; i += QS_THREADS) m = fmaxf(m, static_cast<float>(x[i]));
-  m = qs_reduce(m, QsMax());
+  float c = params[0] * 1.4426950408889634f, top_p = params[1];
   unsigned kmin = 0u;
-  if (TOPK > 0) kmin = qs_select<T, V, true>(x, m, scale, 0u, static_cast<float>(TOPK));
-  float mine, total;
-  float before = qs_sums<T, V>(x, m, scale, kmin, &mine, &total);
+  if (TOPK > 0) kmin = qs_select<T, V, true>(x, aligned, 0.f, c, 0u, static_cast<float>(TOPK));
+  float mine, before, total;
+  float m = qs_sums<T, V>(x, aligned, c, kmin, &mine, &before, &total);
   int token = -1;
   if (top_p >= 1.f) {
-    token = qs_pick<T, V>(x, m, scale, kmin, mine, before,
+    token = qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
                           qs_uniform(seed, blockIdx.x, 0) * total);
   } else {
     for (int t = 0; t < TRIES && token < 0; ++t) {
-      int c = qs_pick<T, V>(x, m, scale, kmin, mine, before,
-                            qs_uniform(seed, blockIdx.x, t) * total);
-      unsigned kc = qs_key(static_cast<float>(x[c]));
+      int pick = qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
+                               qs_uniform(seed, blockIdx.x, t) * total);
+      unsigned kp = qs_key(static_cast<float>(x[pick]));
       float likelier = 0.f;
-      for (int i = threadIdx.x; i < V; i += QS_THREADS) {
-        float v = static_cast<float>(x[i]);
-        if (qs_key(v) > kc) likelier += qs_weight(v, m, scale, kmin);
+      for (int g = threadIdx.x; g < QS_GROUPS(V); g += QS_THREADS) {
+        float v[QS_VEC];
+        qs_load<T, V>(x, g, aligned, v);
+#pragma unroll
+        for (int j = 0; j < QS_VEC; ++j) {
+          unsigned k = qs_key(v[j]);
+          if (k > kp && g * QS_VEC + j < V) likelier += qs_weight(v[j], m, c, kmin);
+        }
       }
       likelier = qs_reduce(likelier, QsAdd());
       // the most likely tokens always belong (a top_p that rounds to 0 keeps them)
-      if (likelier < top_p * total || likelier == 0.f) token = c;
+      if (likelier < top_p * total || likelier == 0.f) token = pick;
     }
     if (token < 0) {
-      kmin = qs_select<T, V, false>(x, m, scale, kmin, fmaxf(top_p * total, 1e-30f));
-      before = qs_sums<T, V>(x, m, scale, kmin, &mine, &total);
-      token = qs_pick<T, V>(x, m, scale, kmin, mine, before,
+      kmin = qs_select<T, V, false>(x, aligned, m, c, kmin, fmaxf(top_p * total, 1e-30f));
+      m = qs_sums<T, V>(x, aligned, c, kmin, &mine, &before, &total);
+      token = qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
                             qs_uniform(seed, blockIdx.x, TRIES) * total);
     }
   }
