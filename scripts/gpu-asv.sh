@@ -2,7 +2,7 @@
 # Runs the asv suite ON a lent GPU machine (see ../shared/gpu/README.md), after MLX's CUDA
 # backend is installed there: the copy of the working tree there has no usable .git, so the
 # commit comes in a bundle (`git bundle create .gpu/g/repo.bundle HEAD` here), and qwen_lora
-# is put on the interpreter's path (asv's benchmark processes do not inherit PYTHONPATH).
+# is put on the benchmark processes' path.
 #
 #   scripts/gpu-asv.sh MACHINE_NAME 'asv --bench regex' [more asv run options]
 #
@@ -15,8 +15,13 @@ git fetch -q .gpu/g/repo.bundle HEAD
 git update-ref refs/heads/main FETCH_HEAD
 git symbolic-ref HEAD refs/heads/main
 python=$(command -v python3)
-site=$("$python" -c 'import site; print(site.getsitepackages()[0])')
+# asv's benchmark processes drop PYTHONPATH but take ASV_PYTHONPATH as it; the .pth file is
+# for asv versions without it. A qwen_lora not found there skips every qwen_lora line.
+export ASV_PYTHONPATH="$PWD/src"
+site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/src" > "$site/qwen_lora_src.pth"
+(cd / && PYTHONPATH="$ASV_PYTHONPATH" "$python" -c 'import qwen_lora, sys; print("qwen_lora:", qwen_lora.__file__)') \
+    || { echo "qwen_lora does not import from $ASV_PYTHONPATH" >&2; exit 1; }
 export QWEN_LORA_WORKLOAD=default
 asv machine --machine "$machine" --yes >/dev/null
 asv run -E "existing:$python" --set-commit-hash "$(git rev-parse HEAD)" --show-stderr \
