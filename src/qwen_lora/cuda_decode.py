@@ -212,10 +212,17 @@ def _off_reason() -> str | None:
 
     if os.environ.get("QWEN_LORA_CUDA_KERNELS", "").lower() in OFF_VALUES:
         return "QWEN_LORA_CUDA_KERNELS"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is None or not cuda.is_available() or mx.default_device().type != mx.DeviceType.gpu:
+    if not _cuda_backend() or mx.default_device().type != mx.DeviceType.gpu:
         return "MLX does not compute on a CUDA GPU here"
     return None
+
+
+@functools.cache
+def _cuda_backend() -> bool:
+    """Whether MLX has its CUDA backend and a GPU (fixed for the process; asked once, since
+    samplers ask on every token)."""
+    cuda = getattr(mx, "cuda", None)
+    return cuda is not None and cuda.is_available()
 
 
 def supports(layer: nn.Module) -> bool:
