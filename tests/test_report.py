@@ -220,6 +220,26 @@ def test_missing_measurements_say_so(tmp_path, head):
     assert "| `training.LoRATraining.time_step` | **no result** |" in text
 
 
+def test_rows_not_rerun_come_from_an_earlier_commit_and_say_so(tmp_path, head):
+    results = tmp_path / "results"
+    base = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    write_results(results, base)
+    path = write_results(results, head)
+    data = json.loads(path.read_text())
+    del data["results"]["training.LoRATraining.time_step"]
+    data["results"]["memory.PeakMemory.track_train_step"][0] = [1.0, 2.0]  # this run's
+    path.write_text(json.dumps(data))
+    out = tmp_path / "B.md"
+    assert main([*CONFIG, "--results", str(results), "--workload", "small",
+                 "--fill-from", base[:8], "-o", str(out)]) == 0
+    text = out.read_text()
+    assert row(text, "Time/step (ms)")[1:5] == ["200 ± 20", "250 ± 25", "100 ± 10", "0.80x"]
+    assert (f"**From commit `{base[:8]}`** (not rerun at this one): "
+            "`training.LoRATraining.time_step`") in text
+    assert row(text, "Training Step")[1:3] == ["0.0", "0.0"]  # not filled: this run has it
+
+
 def test_results_are_chosen_by_machine_commit_and_workload(tmp_path, head, capsys):
     results = tmp_path / "results"
     write_results(results, head, workload="small", machine="a")

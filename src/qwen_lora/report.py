@@ -113,6 +113,7 @@ class ResultSet:
     started: float | None
     values: dict[tuple[str, tuple[tuple[str, Any], ...]], Measurement] = field(
         default_factory=dict)
+    filled: dict[str, str] = field(default_factory=dict)  # benchmark -> commit it came from
 
     @property
     def workload(self) -> str:
@@ -124,6 +125,15 @@ class ResultSet:
 
     def series(self, benchmark: str) -> list[tuple[dict[str, Any], Measurement]]:
         return [(dict(p), m) for (name, p), m in self.values.items() if name == benchmark]
+
+    def fill_from(self, base: ResultSet) -> None:
+        """Take the benchmarks this set lacks whole from `base` (an earlier run on the same
+        machine), noting which: each benchmark's lines still come from one run."""
+        present = {name for name, _ in self.values}
+        for (name, key), m in base.values.items():
+            if name not in present:
+                self.values[(name, key)] = m
+                self.filled[name] = base.commit
 
 
 def read_result_file(path: Path, benchmarks: dict[str, Any]) -> ResultSet:
@@ -372,6 +382,15 @@ def _impl_columns(ctx: Context, bench: str) -> list[str]:
     return impls
 
 
+def _filled_note(ctx: Context) -> list[str]:
+    """The benchmarks not run at the reported commit, and the commits they come from."""
+    by_commit: dict[str, list[str]] = {}
+    for name, commit in sorted(ctx.rs.filled.items()):
+        by_commit.setdefault(commit, []).append(f"`{name}`")
+    return [f"**From commit `{commit[:8]}`** (not rerun at this one): {', '.join(names)}  "
+            for commit, names in by_commit.items()]
+
+
 def section_header(ctx: Context) -> list[str]:
     rs, w = ctx.rs, ctx.w
     try:
@@ -398,6 +417,7 @@ def section_header(ctx: Context) -> list[str]:
         f"{ctx.machine.get('num_cpu', '?')} CPUs, {ram_text} RAM, "
         f"{ctx.machine.get('os', '?')} ({ctx.machine.get('arch', '?')})  ",
         f"**Workload**: `{ctx.workload}` ({WORKLOAD_VAR}={ctx.workload})",
+        *_filled_note(ctx),
         "",
         "## Overview",
         "",
@@ -992,6 +1012,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="asv machine name (default: the only one, or this host's name)")
     p.add_argument("--commit", default=None, help="commit whose results to report (default: "
                    "HEAD)")
+    p.add_argument("--fill-from", metavar="COMMIT", default=None,
+                   help="take benchmarks the commit's results lack from COMMIT's results on "
+                        "the same machine (the report names them)")
     p.add_argument("--workload", default="default", choices=sorted(WORKLOADS))
     p.add_argument("--output", "-o", default="docs/BENCHMARKS.md",
                    help="file to write, or - for standard output (default: docs/BENCHMARKS.md)")
@@ -1009,6 +1032,9 @@ def run(args: argparse.Namespace) -> int:
     results = args.results or repo / config.get("results_dir", "results")
     rs, machine_info, machine = find_results(Path(results), args.machine, args.commit,
                                              args.workload, repo)
+    if args.fill_from:
+        base, _, _ = find_results(Path(results), machine, args.fill_from, args.workload, repo)
+        rs.fill_from(base)
     text = render(Context(rs, machine_info, machine, args.workload, repo, config))
     if args.output == "-":
         sys.stdout.write(text)
