@@ -24,8 +24,12 @@ HERE = Path(__file__).parent
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def kernel_source(vocab: int, top_k: int) -> str:
+CTYPES = {np.float32: "float", np.float16: "_Float16"}  # g++'s half: 2 bytes, as __half
+
+
+def kernel_source(vocab: int, top_k: int, dtype: type = np.float32) -> str:
     header = cuda_sampling._HEADER.replace("QS_THREADS THREADS", f"QS_THREADS {THREADS}")
+    ctype = CTYPES[dtype]
     return f"""#include "cuda_emu.h"
 {header}
 template <typename T, int V, int TOPK, int TRIES>
@@ -34,11 +38,11 @@ void qs_kernel(const T* logits, const uint32_t* key, const float* params, int32_
 {cuda_sampling._SAMPLE}
 }}
 
-extern "C" int run(const float* logits, unsigned batch, const uint32_t* key,
+extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
                    const float* params, int32_t* tokens, uint32_t* next_key) {{
   bool ok = emu::launch(batch, {THREADS}, [&] {{
-    qs_kernel<float, {vocab}, {top_k}, {cuda_sampling.TRIES}>(logits, key, params, tokens,
-                                                               next_key);
+    qs_kernel<{ctype}, {vocab}, {top_k}, {cuda_sampling.TRIES}>(
+        static_cast<const {ctype}*>(logits), key, params, tokens, next_key);
   }});
   return ok ? 0 : 1;
 }}
@@ -49,47 +53,56 @@ extern "C" int run(const float* logits, unsigned batch, const uint32_t* key,
 def build(tmp_path_factory):
     """Compiles (once per vocabulary size and top-k) the kernel into a shared library."""
     root = tmp_path_factory.mktemp("cuda-emu")
-    libraries: dict[tuple[int, int], ctypes.CDLL] = {}
+    libraries: dict[tuple[int, int, type], ctypes.CDLL] = {}
 
-    def get(vocab: int, top_k: int) -> ctypes.CDLL:
-        if (vocab, top_k) not in libraries:
-            source = kernel_source(vocab, top_k)
+    def get(vocab: int, top_k: int, dtype: type = np.float32) -> ctypes.CDLL:
+        if (vocab, top_k, dtype) not in libraries:
+            source = kernel_source(vocab, top_k, dtype)
             name = hashlib.sha256(source.encode()).hexdigest()[:16]
             (root / f"{name}.cpp").write_text(source)
             proc = subprocess.run(
-                ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Werror",
-                 "-Wno-unknown-pragmas", "-Wno-sign-compare", f"-I{HERE}",
+                # CUDA reads half logits through a uint4 (16-byte loads): type punning that
+                # nvcc allows and g++'s strict aliasing does not
+                ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC",
+                 "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare", f"-I{HERE}",
                  f"{name}.cpp", "-o", f"{name}.so"],
                 cwd=root, capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr[-4000:]
-            libraries[vocab, top_k] = ctypes.CDLL(str(root / f"{name}.so"))
-        return libraries[vocab, top_k]
+            libraries[vocab, top_k, dtype] = ctypes.CDLL(str(root / f"{name}.so"))
+        return libraries[vocab, top_k, dtype]
 
     return get
 
 
 def run_kernel(lib: ctypes.CDLL, logits: np.ndarray, key: tuple[int, int],
                temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    if logits.dtype != np.float16:
+        logits = logits.astype(np.float32)
+    logits = np.ascontiguousarray(logits)
     batch = logits.shape[0]
     key_arr = np.array(key, dtype=np.uint32)
     params = np.array([1.0 / temperature, top_p], dtype=np.float32)
     tokens = np.full(batch, -7, dtype=np.int32)
     next_key = np.zeros(2, dtype=np.uint32)
     ptr = np.ctypeslib.as_ctypes
-    status = lib.run(ptr(logits.reshape(-1)), ctypes.c_uint(batch), ptr(key_arr), ptr(params),
-                     ptr(tokens), ptr(next_key))
+    status = lib.run(ctypes.c_void_p(logits.ctypes.data), ctypes.c_uint(batch), ptr(key_arr),
+                     ptr(params), ptr(tokens), ptr(next_key))
     assert status == 0, "the kernel deadlocked: threads wait at a barrier others never reach"
     return tokens, next_key
 
 
-@pytest.mark.slow  # ~4 s a case: fibers switch thousands of times a row
-@pytest.mark.parametrize("name", list(KERNEL_CASES))
-def test_emulated_kernel_draws_from_the_expected_distribution(build, name):
+HALF_CASES = ["top-p", "top-k-top-p", "temperature"]  # the 16-byte loads of half logits
+
+
+@pytest.mark.slow  # 4-40 s a case: fibers switch thousands of times a row
+@pytest.mark.parametrize("name, dtype", [(name, np.float32) for name in KERNEL_CASES]
+                         + [(name, np.float16) for name in HALF_CASES])
+def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype):
     case = KERNEL_CASES[name]
-    x = case["x"].astype(np.float32)
-    want = expected_distribution(x, case["temperature"], case["top_k"], case["top_p"])
-    lib = build(len(x), case["top_k"])
+    x = case["x"].astype(dtype)
+    want = expected_distribution(x.astype(np.float32), case["temperature"], case["top_k"],
+                                 case["top_p"])
+    lib = build(len(x), case["top_k"], dtype)
     rows, calls = 300, 3
     counts = np.zeros(len(x), dtype=np.int64)
     key = (1, 2)
