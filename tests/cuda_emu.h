@@ -187,9 +187,6 @@ inline float __int_as_float(int i) { return emu::from_bits<float>(emu::bits(i));
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 
-struct float4 {
-  float x, y, z, w;
-};
 struct uint4 {
   unsigned x, y, z, w;
 };

@@ -31,14 +31,18 @@ MAX_BATCH = 8  # sequences per kernel call; larger batches keep MLX's matmuls
 THREADS = 128  # per block (QL_THREADS in the kernels)
 HALF_TYPES = (mx.float16, mx.bfloat16)
 
-_HEADER = """
-#define QL_THREADS THREADS  // a block: its threads split the dot products' K between them
-
+# Eight values at p as floats; `vec` (p 16-byte aligned): with one 16-byte load of half-
+# precision values, two of floats. Shared with qwen_lora.cuda_sampling's kernel.
+VECTOR_LOADS = """
 template <typename T>
 __device__ inline void ql_load8(const T* p, bool vec, float* out) {
   if (vec) {
-    uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* v = reinterpret_cast<const T*>(&raw);
+    uint4 raw[sizeof(T) / 2];
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(T) / 2); ++i) {
+      raw[i] = reinterpret_cast<const uint4*>(p)[i];
+    }
+    const T* v = reinterpret_cast<const T*>(raw);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(v[j]);
   } else {
@@ -50,6 +54,10 @@ __device__ inline void ql_load8(const T* p, bool vec, float* out) {
 __device__ inline bool ql_aligned(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
+"""
+
+_HEADER = VECTOR_LOADS + """
+#define QL_THREADS THREADS  // a block: its threads split the dot products' K between them
 
 // This thread's share, over K, of three sums per sequence b of x (B, K):
 // acc[b] = sum x^2, acc[B + b] = dot(w0, x * nw), acc[2B + b] = dot(w1, x * nw)

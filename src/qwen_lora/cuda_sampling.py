@@ -31,15 +31,15 @@ import functools
 
 import mlx.core as mx
 
-from qwen_lora.cuda_decode import hashed_kernel
+from qwen_lora.cuda_decode import VECTOR_LOADS, hashed_kernel
 
 THREADS = 512  # per block: one block per row
 TRIES = 8  # rejection draws of top-p before the exact selection
 
-_HEADER = """
+_HEADER = VECTOR_LOADS + """
 #define QS_THREADS THREADS
 #define QS_WARPS (QS_THREADS / 32)
-#define QS_VEC 8  // a thread's elements come in groups of 8: one or two 16-byte loads
+#define QS_VEC 8  // a thread's elements come in groups of 8 (ql_load8): 16-byte loads
 #define QS_FULL 0xffffffffu
 
 // Float order as unsigned order (negative numbers reversed), for radix selection.
@@ -117,18 +117,8 @@ __device__ inline float qs_exclusive_scan(float v, float* total) {
 template <typename T, int V>
 __device__ inline void qs_load(const T* x, int g, bool aligned, float* v) {
   int base = g * QS_VEC;
-  if (aligned && base + QS_VEC <= V) {
-    if constexpr (sizeof(T) == 2) {
-      uint4 raw = *reinterpret_cast<const uint4*>(x + base);
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < QS_VEC; ++j) v[j] = static_cast<float>(h[j]);
-    } else {
-      float4 a = *reinterpret_cast<const float4*>(x + base);
-      float4 b = *reinterpret_cast<const float4*>(x + base + 4);
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    }
+  if (base + QS_VEC <= V) {
+    ql_load8(x + base, aligned, v);
   } else {
 #pragma unroll
     for (int j = 0; j < QS_VEC; ++j) {
@@ -329,7 +319,7 @@ __device__ int qs_pick(const T* x, bool aligned, float m, float c, unsigned kmin
 # token (B,) from logits (B, V); params = [1 / temperature, top_p]; key (2,) uint32 -> next_key.
 _SAMPLE = """
   const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
-  bool aligned = (reinterpret_cast<unsigned long long>(x) & 15ull) == 0;
+  bool aligned = ql_aligned(x);
   unsigned long long seed = (static_cast<unsigned long long>(key[0]) << 32) | key[1];
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     unsigned long long next = qs_mix(seed ^ 0xD1B54A32D192ED03ull);
