@@ -68,7 +68,7 @@ class Sampler:
         if backend == "numpy":
             return mx.array(self.sample_numpy(np.asarray(logits.astype(mx.float32))))
         if backend == "cuda":
-            return self.sample_cuda(logits, checked=self.backend is None)
+            return self.sample_cuda(logits)
         return self.sample_mlx(logits)
 
     @staticmethod
@@ -201,10 +201,9 @@ class Sampler:
         return tokens
 
     # cuda -------------------------------------------------------------------------------
-    def sample_cuda(self, logits: mx.array, checked: bool = False) -> mx.array:
-        """Sample with one CUDA kernel (`qwen_lora.cuda_sampling`), lazily; `checked`: the
-        caller has just seen the kernels available."""
-        if not checked and not cuda_decode.available():
+    def sample_cuda(self, logits: mx.array) -> mx.array:
+        """Sample with one CUDA kernel (`qwen_lora.cuda_sampling`), lazily."""
+        if not cuda_decode.available():
             raise RuntimeError("Sampler(backend='cuda') needs MLX's CUDA backend and "
                                "QWEN_LORA_CUDA_KERNELS not off")
         if self.greedy:
