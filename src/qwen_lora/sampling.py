@@ -194,7 +194,8 @@ class Sampler:
         """Sample on MLX's default device, lazily, with one compiled function: fused
         element-wise kernels instead of one launch per operation."""
         if self.greedy:
-            return mx.argmax(logits, axis=-1).astype(mx.int32)
+            # argmax gives uint32; viewing its bits as int32 (ids < 2**31) launches no copy
+            return mx.view(mx.argmax(logits, axis=-1), mx.int32)
         if self._compiled is None:
             self._compiled = mx.compile(_mlx_sampler(self.temperature, self.top_k, self.top_p))
         tokens, self._key = self._compiled(logits, self._key)
