@@ -1,5 +1,5 @@
 """Inference: token generation, the KV cache against recomputation, sampling overhead, and
-beyond the seed: batched generation and quantized weights.
+beyond the seed: prefill at two prompt lengths, batched generation and quantized weights.
 
 Generation runs each library's own streaming loop: `qwen_lora.stream_generate`, mlx-lm's
 `generate_step` and transformers' `generate` (float32, with a streamer for per-token times),
@@ -126,6 +126,32 @@ class Generation(SlowBenchmark):
 
     # The time budget: PyTorch decodes slowest; its first token and per-token times suffice.
     time_total.skip_params = [(TORCH,)]
+
+
+@functools.cache
+def _warm_prompt(impl: str, model_dir: str, tokens: int) -> None:
+    """Run a prompt of this length once per process: the first use of a length compiles
+    kernels (MLX's on a CPU with g++, a GPU's), which the samples should not time."""
+    for _ in token_times(impl, _generation_model(impl, model_dir),
+                         token_ids(tokens, W.vocab, seed=5), 1, sample=False):
+        pass
+
+
+class Prefill(SlowBenchmark):
+    """Prompts of 128 and 512 tokens to the first new token, greedy: the prompt's pass."""
+
+    params = [ALL_IMPLEMENTATIONS, [128, 512]]  # both workloads: asv keys results by params
+    param_names = ["implementation", "tokens"]
+
+    def setup(self, model_dir: str, impl: str, tokens: int) -> None:
+        _warm_prompt(impl, model_dir, tokens)
+        self.model = cached_model(impl, model_dir)
+        self.prompt = token_ids(tokens, W.vocab, seed=4)
+
+    def time_first_token(self, model_dir: str, impl: str, tokens: int) -> None:
+        """Seconds from the call to the first new token (each library's own loop)."""
+        for _ in token_times(impl, self.model, self.prompt, 1, sample=False):
+            pass
 
 
 def _recompute_times(impl: str, model: Any, prompt: list[int], max_tokens: int

@@ -1,5 +1,5 @@
-"""Microbenchmarks: tensor operations on 1024x1024 tensors, and the model's components at
-batch 1, sequence 512.
+"""Microbenchmarks: tensor operations on 1024x1024 tensors, the model's components at
+batch 1, sequence 512, and the machine's own limits (matmul rate, memory bandwidth).
 
 Each implementation runs the piece as its own model code does: qwen_lora's modules and calls
 against mlx-lm's (`mlx_lm.models.qwen2`, `mlx_lm.models.base`). Both run on MLX with the
@@ -19,6 +19,7 @@ from .common import (
     W,
     mlx_dtype,
     mx,
+    on_cpu,
     qwen2_config,
     require,
 )
@@ -152,3 +153,64 @@ class ModelComponents:
     def time_forward(self, impl: str, name: str) -> None:
         """Seconds per forward call."""
         mx.eval(self.forward())
+
+
+# The machine's attainable rates, which the report sets the model's work against (its distance
+# to the physical limit). The product is large enough to run at the BLAS's or cuBLAS's full
+# rate: 17 GFLOP on a CPU (~0.1 s), 1.1 TFLOP on a GPU (where a smaller one measures launches).
+DTYPE_NAME = str(mlx_dtype()).rsplit(".", 1)[-1]
+MATMUL_SIZE = 2048 if on_cpu() else 8192
+
+
+@functools.cache
+def _square_operands(size: int) -> tuple[mx.array, mx.array]:
+    x, y = _normal(size, size), _normal(size, size, seed=1)
+    mx.eval(x, y)
+    return x, y
+
+
+class MatmulRate:
+    """One size x size matrix product in the compute dtype: the machine's matmul FLOP/s
+    (2 size^3 a call), the limit of prefill and training."""
+
+    params = [[DTYPE_NAME], [MATMUL_SIZE]]
+    param_names = ["dtype", "size"]
+    number = 1
+    rounds = 1
+    warmup_time = 0.1
+    repeat = W.fast_repeat
+
+    def setup(self, dtype: str, size: int) -> None:
+        self.x, self.y = _square_operands(size)
+
+    def time_matmul(self, dtype: str, size: int) -> None:
+        """Seconds per product."""
+        mx.eval(self.x @ self.y)
+
+
+@functools.cache
+def _head_operands() -> tuple[mx.array, mx.array]:
+    weight = _normal(W.vocab, W.model["hidden_size"])
+    x = _normal(1, W.model["hidden_size"], seed=1)
+    mx.eval(weight, x)
+    return weight, x
+
+
+class HeadMatvec:
+    """One token through a weight of the output head's shape (vocab x hidden), as decoding
+    computes it (x @ W.T): the weight's bytes streamed once a call, the machine's memory
+    bandwidth as decoding attains it."""
+
+    params = [[DTYPE_NAME]]
+    param_names = ["dtype"]
+    number = 1
+    rounds = 1
+    warmup_time = 0.1
+    repeat = W.fast_repeat
+
+    def setup(self, dtype: str) -> None:
+        self.weight, self.x = _head_operands()
+
+    def time_matvec(self, dtype: str) -> None:
+        """Seconds per matrix-vector product."""
+        mx.eval(self.x @ self.weight.T)

@@ -71,6 +71,16 @@ def _spec() -> dict[str, tuple[list[str], list[list], str, dict[tuple, float]]]:
                                                        {(i,): 0.1 for i in two}),
         "training.GradientComputation.time_total": (["implementation"], [two], "seconds",
                                                     {(i,): 0.2 for i in two}),
+        # prefill: qwen_lora 20 and 80 ms, mlx-lm 1.5x that, PyTorch 1.25x
+        "inference.Prefill.time_first_token": (
+            ["implementation", "tokens"], [three, [128, 512]], "seconds",
+            {(i, t): f * t / 6400 for i, f in zip(IMPLS, (1.0, 1.5, 1.25), strict=True)
+             for t in (128, 512)}),
+        # the machine: 100 GFLOP/s; 20 GB/s over the small head (32,000 x 448 float32)
+        "micro.MatmulRate.time_matmul": (["dtype", "size"], [["float32"], [2048]], "seconds",
+                                         {("float32", 2048): 2 * 2048**3 / 1e11}),
+        "micro.HeadMatvec.time_matvec": (["dtype"], [["float32"]], "seconds",
+                                         {("float32",): 32000 * 448 * 4 / 2e10}),
         "memory.PeakMemory.track_model_load": (["implementation"], [two], "bytes",
                                                {(i,): 9e7 for i in two}),
         "memory.PeakMemory.track_forward": (["implementation"], [two], "bytes",
@@ -203,8 +213,47 @@ def test_targets_are_judged_from_the_numbers(report):
 
 def test_kv_cache_formula_beside_the_measured_bytes(report):
     assert "4 × 2 × 1 × 1 × 256 × 64 × 4 bytes = 524,288 bytes" in report
-    assert "qwen_lora: 524,288 bytes, equal to the formula" in report
+    assert "qwen_lora: 524,288 bytes, equal to the formula at 4 bytes (float32, the CPU)" \
+        in report
+    assert "4 × 2 × 1 × 1 × 256 × 64 × 2 bytes = 262,144 bytes" in report
     assert "24 × 2 × 1 × 2 × 2048 × 64 × 2 bytes = 25,165,824 bytes" in report
+
+
+def test_kv_cache_in_half_precision_matches_the_two_byte_formula(tmp_path, head):
+    """A GPU run computes in float16: its cache holds half the float32 formula's bytes."""
+    results = tmp_path / "results"
+    path = write_results(results, head)
+    data = json.loads(path.read_text())
+    data["results"]["memory.PeakMemory.track_kv_cache"][0] = [262144, 262144 * 7]
+    path.write_text(json.dumps(data))
+    out = tmp_path / "B.md"
+    assert main([*CONFIG, "--results", str(results), "--workload", "small", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "qwen_lora: 262,144 bytes, equal to the formula at 2 bytes (float16, a GPU)" in text
+    assert "mlx-lm: 1,835,008 bytes, 3.500x the formula at 4 bytes" in text  # 14 heads
+
+
+def test_prefill_beside_mlx_lm_and_pytorch(report):
+    assert row(report, "128")[1:] == ["20.0 ± 2.0", "30.0 ± 3.0", "25.0 ± 2.5", "1.50x",
+                                      "1.25x"]
+    assert row(report, "512")[1] == "80.0 ± 8.0"
+
+
+def test_distance_to_the_physical_limit(report):
+    """The small model (4 layers of 448, 7 heads, 1 KV head, intermediate 1216, vocabulary
+    32,000) on a machine of 100 GFLOP/s and 20 GB/s: decoding reads 22,708,224 float32
+    weights (90.8 MB: 4.54 ms); a 128-token prefill computes 2.23 GFLOP (22.3 ms), a 64-token
+    LoRA step 5.86 GFLOP (58.6 ms: twice the forward's 2.91 GFLOP of weights, three times its
+    14.9 MFLOP of attention)."""
+    assert "Matmul rate: 100.0 GFLOP/s (float32, one 2,048 x 2,048 product" in report
+    assert "Memory bandwidth: 20.0 GB/s" in report
+    assert row(report, "Decode, a token")[1:4] == ["0.09 GB of weights read", "4.54",
+                                                   "5.00 ± 0.50"]
+    assert row(report, "Decode, a token")[4] == "1.10x"  # 5 ms over 4.54
+    assert row(report, "Prefill, 128 tokens")[1:3] == ["2.2 GFLOP", "22.3"]
+    assert row(report, "Prefill, 128 tokens")[4] == "0.90x"  # 20 ms over 22.3
+    assert row(report, "LoRA step, 64 tokens")[1:3] == ["5.9 GFLOP", "58.6"]
+    assert row(report, "LoRA step, 64 tokens")[4:7] == ["3.41x", "250 ± 25", "4.27x"]
 
 
 def test_missing_measurements_say_so(tmp_path, head):

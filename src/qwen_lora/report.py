@@ -35,11 +35,13 @@ WORKLOADS = {
     "default": dict(model="Qwen2.5-Coder-0.5B architecture (494M parameters, 24 layers, 14 "
                     "query and 2 key/value heads of 64, vocabulary 151,936), random weights",
                     layers=24, kv_heads=2, head_dim=64, vocab=151936, train_seq=512,
+                    hidden=896, intermediate=4864, heads=14,
                     prompt=128, new_tokens=100, context=512, kv_tokens=2048, op_size=1024,
                     component_seq=512, batch_prompt=32, batch_tokens=8),
     "small": dict(model="the same architecture scaled down (23M parameters, 4 layers, 7 query "
                   "heads and 1 key/value head of 64, vocabulary 32,000), random weights, "
                   "one thread", layers=4, kv_heads=1, head_dim=64, vocab=32000, train_seq=64,
+                  hidden=448, intermediate=1216, heads=7,
                   prompt=32, new_tokens=32, context=128, kv_tokens=256, op_size=256,
                   component_seq=128, batch_prompt=32, batch_tokens=8),
 }
@@ -648,7 +650,8 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
 
 
 def section_beyond(ctx: Context) -> list[str]:
-    """Batched generation and quantized weights: not in the plan, asked for by issue 6."""
+    """Prefill, the distance to the physical limit, batched generation and quantized weights:
+    not in the plan, asked for by issue 6; each where it was measured."""
     w = ctx.w
     batch_bench = "inference.BatchGeneration.time_per_token"
     sizes = sorted({p.get("batch") for p, _ in ctx.rs.series(batch_bench)} - {None})
@@ -667,32 +670,146 @@ def section_beyond(ctx: Context) -> list[str]:
                        fmt_rate(theirs), fmt_ratio(_v(theirs), _v(ours)),
                        fmt_mb(ctx.m(q_bytes, QWEN_LORA, bits=b)),
                        fmt_mb(ctx.m(q_bytes, MLX_LM, bits=b))])
-    if not b_rows and not q_rows:
+    prefill = _prefill_rows(ctx)
+    limits = section_limits(ctx)
+    if not (b_rows or q_rows or prefill or limits):
         return []
     prompt, new = w.get("batch_prompt", 32), w.get("batch_tokens", 8)
+    impls = _impl_columns(ctx, PREFILL)
+    names = {QWEN_LORA: "qwen_lora (ms)", MLX_LM: "mlx-lm (ms)", TORCH: "PyTorch (ms)"}
+    out = ["## Beyond the Plan", ""]
+    if prefill:
+        out += [
+            "### Prefill",
+            "",
+            "- A prompt of each length to the first new token, greedy, with each library's "
+            "own loop (as under Token Generation Latency): the prompt's forward pass, the KV "
+            "cache filled, one token picked",
+            f"- `{PREFILL}`; vs: the library's time over qwen_lora's (above 1: qwen_lora is "
+            "faster)",
+            "",
+            *table(["Prompt tokens", *(names[i] for i in impls), "vs mlx-lm"]
+                   + (["vs PyTorch"] if TORCH in impls else []), prefill),
+        ]
+    out += limits
+    if b_rows:
+        out += [
+            "### Batched Generation",
+            "",
+            f"- Each sequence: a {prompt}-token prompt, then {new} new tokens at temperature "
+            "0.7, top-p 0.9; all sequences of the batch decoded together, one forward pass "
+            "per step",
+            "- qwen_lora's `stream_generate_batch`, mlx-lm's `BatchGenerator`",
+            "- Per token: a decoding step's time over the batch size",
+            "",
+            *table(["Batch", "qwen_lora (ms/token)", "Tokens/sec", "mlx-lm (ms/token)",
+                    "Tokens/sec", "Improvement"], b_rows),
+        ]
+    if q_rows:
+        out += [
+            "### Quantized Weights",
+            "",
+            f"- Linear layers and the tied embedding quantized in groups of 64; a "
+            f"{prompt}-token prompt, then {new} new tokens at temperature 0.7, top-p 0.9; per "
+            "token of the decoding phase",
+            "- Compare with the float model's per-token time under Token Generation Latency "
+            "(128-token prompt there)",
+            "",
+            *table(["Bits", "qwen_lora (ms/token)", "Tokens/sec", "mlx-lm (ms/token)",
+                    "Tokens/sec", "Improvement", "qwen_lora weights (MB)",
+                    "mlx-lm weights (MB)"], q_rows),
+        ]
+    return out
+
+
+PREFILL = "inference.Prefill.time_first_token"
+MATMUL_RATE, HEAD_MATVEC = "micro.MatmulRate.time_matmul", "micro.HeadMatvec.time_matvec"
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _prefill_rows(ctx: Context) -> list[list[str]]:
+    impls = _impl_columns(ctx, PREFILL)
+    rows = []
+    for tokens in sorted({p.get("tokens") for p, _ in ctx.rs.series(PREFILL)} - {None}):
+        m = {i: ctx.m(PREFILL, i, tokens=tokens) for i in impls}
+        rows.append([f"{tokens:,}", *(fmt_time(m[i]) for i in impls),
+                     *(fmt_ratio(_v(m[i]), _v(m[QWEN_LORA])) for i in impls[1:])])
+    return rows
+
+
+def model_work(w: dict[str, Any]) -> dict[str, float]:
+    """The workload model's matmul weights in elements: `layers` (q, k, v, o, gate, up and
+    down of every layer) and `head` (the output head, the tied embedding)."""
+    d, heads, kv = w["hidden"], w["heads"], w["kv_heads"]
+    q_width = heads * w["head_dim"]
+    layer = d * q_width * 2 + d * kv * w["head_dim"] * 2 + 3 * d * w["intermediate"]
+    return {"layers": w["layers"] * layer, "head": w["vocab"] * d}
+
+
+def _attention_flops(w: dict[str, Any], tokens: int) -> float:
+    # QK^T and PV, 2 FLOPs a multiply-add, each query over the keys up to it
+    return 2 * 2 * w["layers"] * w["heads"] * w["head_dim"] * tokens * (tokens + 1) / 2
+
+
+def section_limits(ctx: Context) -> list[str]:
+    """Each workload against the machine's measured limits: decoding against the bytes of
+    weights it must read, prefill and training against the FLOPs they must compute."""
+    matmul, matvec = ctx.rs.series(MATMUL_RATE), ctx.rs.series(HEAD_MATVEC)
+    if not matmul or not matvec:
+        return []
+    (mm_params, mm), (mv_params, mv) = matmul[0], matvec[0]
+    size, dtype = int(mm_params["size"]), mv_params["dtype"]
+    element = DTYPE_BYTES.get(dtype)
+    if element is None:
+        return []
+    w = ctx.w
+    work = model_work(w)
+    flops_per_s = 2 * size**3 / mm.value
+    bytes_per_s = work["head"] * element / mv.value
+    weight_bytes = (work["layers"] + work["head"]) * element
+    rows = []
+
+    def add(label: str, amount: str, floor: float, bench: str, **p: Any) -> None:
+        m = {i: ctx.m(bench, i, **p) for i in (QWEN_LORA, MLX_LM)}
+        rows.append([label, amount, fmt_seconds(floor),
+                     *(x for i in (QWEN_LORA, MLX_LM)
+                       for x in (fmt_time(m[i]), fmt_ratio(_v(m[i]), floor)))])
+
+    add("Decode, a token", f"{weight_bytes / 1e9:.2f} GB of weights read",
+        weight_bytes / bytes_per_s, "inference.Generation.time_per_token")
+    for tokens in sorted({p.get("tokens") for p, _ in ctx.rs.series(PREFILL)} - {None}):
+        flops = 2 * tokens * work["layers"] + _attention_flops(w, tokens) + 2 * work["head"]
+        add(f"Prefill, {tokens:,} tokens", f"{flops / 1e9:,.1f} GFLOP", flops / flops_per_s,
+            PREFILL, tokens=tokens)
+    t = w["train_seq"]
+    flops = 2 * (2 * t * (work["layers"] + work["head"])) + 3 * _attention_flops(w, t)
+    add(f"LoRA step, {t:,} tokens", f"{flops / 1e9:,.1f} GFLOP", flops / flops_per_s,
+        "training.LoRATraining.time_step")
     return [
-        "## Beyond the Plan",
+        "### Distance to the Physical Limit",
         "",
-        "### Batched Generation",
+        f"- Matmul rate: {flops_per_s / 1e9:,.1f} GFLOP/s ({dtype}, one {size:,} x {size:,} "
+        f"product, `{MATMUL_RATE}`)",
+        f"- Memory bandwidth: {bytes_per_s / 1e9:,.1f} GB/s (one token through a {dtype} "
+        f"weight of the output head's shape, {w['vocab']:,} x {w['hidden']:,}, as decoding "
+        f"computes it, `{HEAD_MATVEC}`)",
+        "- Work: decoding reads every matmul weight once a token (the tied embedding once, as "
+        "the head); prefill computes 2 FLOPs a weight a prompt token, attention's products "
+        "over the causal prompt and the head at the last position; a LoRA step computes the "
+        "forward pass over every position (head included), then the same again for the "
+        "input gradients (frozen weights need no weight gradients; the rank-8 adapters' are "
+        "under 0.1%), attention's backward twice its forward",
+        "- Limit: the work at the measured rate; \"x the limit\" is the measured time over it "
+        "(1.00x would run at the machine's measured rate)",
         "",
-        f"- Each sequence: a {prompt}-token prompt, then {new} new tokens at temperature 0.7, "
-        "top-p 0.9; all sequences of the batch decoded together, one forward pass per step",
-        "- qwen_lora's `stream_generate_batch`, mlx-lm's `BatchGenerator`",
-        "- Per token: a decoding step's time over the batch size",
-        "",
-        *table(["Batch", "qwen_lora (ms/token)", "Tokens/sec", "mlx-lm (ms/token)",
-                "Tokens/sec", "Improvement"], b_rows),
-        "### Quantized Weights",
-        "",
-        f"- Linear layers and the tied embedding quantized in groups of 64; a {prompt}-token "
-        f"prompt, then {new} new tokens at temperature 0.7, top-p 0.9; per token of the "
-        "decoding phase",
-        "- Compare with the float model's per-token time under Token Generation Latency "
-        "(128-token prompt there)",
-        "",
-        *table(["Bits", "qwen_lora (ms/token)", "Tokens/sec", "mlx-lm (ms/token)", "Tokens/sec",
-                "Improvement", "qwen_lora weights (MB)", "mlx-lm weights (MB)"], q_rows),
+        *table(["Workload", "Work", "Limit (ms)", "qwen_lora (ms)", "x the limit", "mlx-lm (ms)",
+                "x the limit"], rows),
     ]
+
+
+def fmt_seconds(seconds: float) -> str:
+    """A time in ms, for quantities computed rather than measured (no spread)."""
+    return _num(seconds * 1e3, 3)
 
 
 def section_memory(ctx: Context) -> list[str]:
@@ -705,17 +822,29 @@ def section_memory(ctx: Context) -> list[str]:
         rows.append([label.format(kv_tokens=f"{w['kv_tokens']:,}"), fmt_mb(ours), fmt_mb(theirs),
                      diff])
     layers, kv, hd, tokens = w["layers"], w["kv_heads"], w["head_dim"], w["kv_tokens"]
-    formula = layers * 2 * 1 * kv * tokens * hd * 4
+    # the suite computes in float32 on CPUs and float16 on GPUs: either precision may match
+    formulas = {size: layers * 2 * 1 * kv * tokens * hd * size for size in (4, 2)}
+    precision = {4: "float32, the CPU", 2: "float16, a GPU"}
     measured = {i: ctx.m(MEMORY_ROWS["KV-Cache ({kv_tokens} tokens)"], i)
                 for i in (QWEN_LORA, MLX_LM)}
     checks = []
     for impl, m in measured.items():
         if m is None:
             checks.append(f"- {NAMES[impl]}: not measured")
-        else:
-            same = "equal to the formula" if int(m.value) == formula else \
-                f"{m.value / formula:.3f}x the formula"
-            checks.append(f"- {NAMES[impl]}: {int(m.value):,} bytes, {same}")
+            continue
+        sizes = [size for size, f in formulas.items() if int(m.value) == f]
+        same = f"equal to the formula at {sizes[0]} bytes ({precision[sizes[0]]})" if sizes \
+            else f"{m.value / formulas[4]:.3f}x the formula at 4 bytes"
+        checks.append(f"- {NAMES[impl]}: {int(m.value):,} bytes, {same}")
+    qwen = 24 * 2 * 1 * 2 * 2048 * 64 * 2
+    if (layers, kv, tokens, hd) == (24, 2, 2048, 64):
+        qwen_line = []  # the workload is Qwen2.5-0.5B's: its float16 line above says it
+        plan = ", not the plan's ~173 MB"
+    else:
+        qwen_line = ["Qwen2.5-0.5B in float16 (GPU), 2048 tokens:",
+                     f"24 × 2 × 1 × 2 × 2048 × 64 × 2 bytes = {qwen:,} bytes "
+                     f"({qwen / 2**20:.1f} MiB), not the plan's ~173 MB"]
+        plan = ""
     return [
         "## Memory Benchmarks",
         "",
@@ -742,12 +871,10 @@ def section_memory(ctx: Context) -> list[str]:
         "Memory = layers × 2 (key+value) × batch × KV heads × seq_len × head_dim"
         " × bytes_per_element",
         "",
-        "This workload (float32 on the CPU):",
-        f"{layers} × 2 × 1 × {kv} × {tokens} × {hd} × 4 bytes = {formula:,} bytes "
-        f"({formula / 2**20:.1f} MiB)",
-        "Qwen2.5-0.5B in float16 (GPU), 2048 tokens:",
-        f"24 × 2 × 1 × 2 × 2048 × 64 × 2 bytes = {24 * 2 * 2 * 2048 * 64 * 2:,} bytes "
-        f"({24 * 2 * 2 * 2048 * 64 * 2 / 2**20:.1f} MiB), not the plan's ~173 MB",
+        "This workload, in float32 (the CPU) and in float16 (GPUs):",
+        *(f"{layers} × 2 × 1 × {kv} × {tokens} × {hd} × {size} bytes = {f:,} bytes "
+          f"({f / 2**20:.1f} MiB){plan if size == 2 else ''}" for size, f in formulas.items()),
+        *qwen_line,
         "```",
         "",
         "Measured (`memory.PeakMemory.track_kv_cache`):",
