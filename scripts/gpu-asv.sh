@@ -6,7 +6,11 @@
 #
 #   scripts/gpu-asv.sh MACHINE_NAME 'asv --bench regex' [more asv run options]
 #
-# Results land in results/MACHINE_NAME/ and are copied to $OUT with the log.
+# Results land in results/MACHINE_NAME/ and are copied to $OUT with the log. asv writes them
+# only when the run ends (a run cut by a timeout leaves nothing), and it merges a run into the
+# commit's result file only where that file is there: each call gets a fresh copy of this
+# tree, so a suite split over several calls needs each call's result file copied back here
+# (results/MACHINE_NAME/) before the next call.
 set -euo pipefail
 machine=$1; bench=$2; shift 2
 # The bundle names the commit, even where the copy there has an older .git of its own.
