@@ -51,9 +51,10 @@ ASV_SMALL = $(call asv_for,small)
 
 .PHONY: asv-machine bench bench-small bench-compare backfill publish preview report
 
-# Register this machine with asv without questions (~/.asv-machine.json).
+# Register this machine with asv without questions (~/.asv-machine.json), with what asv
+# detects of it: `asv machine --machine NAME --yes` alone records the name only.
 asv-machine: $(STAMP)
-	$(ASV) machine --machine "$(ASV_MACHINE)" --yes
+	$(BIN)/python scripts/asv_machine.py "$(ASV_MACHINE)"
 
 # The main job's environment: OpenBLAS picks the kernels of the processor it runs on. Some
 # machines set OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) for older OpenBLAS builds that fail on

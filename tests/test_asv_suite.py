@@ -196,3 +196,23 @@ def test_small_workload_takes_enough_samples_for_asvs_statistics(monkeypatch):
     common = importlib.import_module("benchmarks.common")
     small = common.WORKLOADS["small"]
     assert min(small.slow_repeat, small.step_repeat, small.fast_repeat[0]) >= 7
+
+
+def test_machine_registration_records_what_asv_detects(tmp_path):
+    """`make asv-machine` (scripts/asv_machine.py) saves the host's os, cpu, CPU count and RAM
+    under the name, where `asv machine --yes` saves the name alone; a value already recorded
+    for the name stays."""
+    script = REPO / "scripts" / "asv_machine.py"
+    env = {**os.environ, "HOME": str(tmp_path)}
+
+    def run() -> dict:
+        subprocess.run([sys.executable, str(script), "box-1"], env=env, check=True,
+                       capture_output=True, timeout=60)
+        return json.loads((tmp_path / ".asv-machine.json").read_text())["box-1"]
+
+    first = run()
+    assert first["num_cpu"] == str(os.cpu_count()) and first["arch"] and first["ram"]
+    data = json.loads((tmp_path / ".asv-machine.json").read_text())
+    data["box-1"]["cpu"] = "named by hand"
+    (tmp_path / ".asv-machine.json").write_text(json.dumps(data))
+    assert run() == {**first, "cpu": "named by hand"}
