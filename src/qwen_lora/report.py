@@ -758,10 +758,11 @@ def section_limits(ctx: Context) -> list[str]:
     if not matmul or not matvec:
         return []
     (mm_params, mm), (mv_params, mv) = matmul[0], matvec[0]
-    size, dtype = int(mm_params["size"]), mv_params["dtype"]
+    size, dtype = mm_params.get("size"), mv_params.get("dtype")
     element = DTYPE_BYTES.get(dtype)
-    if element is None:
+    if size is None or element is None:  # results without the benchmarks' parameter names
         return []
+    size = int(size)
     w = ctx.w
     work = model_work(w)
     flops_per_s = 2 * size**3 / mm.value
