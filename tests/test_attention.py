@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from qwen_lora.model import attention_cpu
+from qwen_lora.model import attention_cpu, attention_cpu_blocks
 
 KEYS = mx.random.split(mx.random.key(0), 4)
 Q = mx.random.normal((2, 14, 9, 64), key=KEYS[0]) * 2
@@ -58,3 +58,37 @@ def test_training_mode_computes_what_inference_does(hf_tied):
     model.train()
     assert model.layers[0].self_attn.training
     assert mx.allclose(model(tokens), inference, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MASKS)
+@pytest.mark.parametrize("block", [1, 4, 64])
+def test_blocked_inference_attention_equals_fused_attention(name, block):
+    """Query blocks of any size, under every kind of mask, compute MLX's attention; under a
+    causal mask each block reads only the keys up to its last query (3 cached keys before
+    the 9 queries here)."""
+    mask = MASKS[name]
+    got = attention_cpu_blocks(Q, K, V, 0.125, mask, block=block)
+    want = mx.fast.scaled_dot_product_attention(Q, K, V, scale=0.125, mask=mask)
+    assert mx.allclose(got, want, atol=1e-5), mx.abs(got - want).max().item()
+
+
+def test_blocked_attention_rejects_unknown_mask_names():
+    with pytest.raises(ValueError, match="causal"):
+        attention_cpu_blocks(Q, K, V, 0.125, "upper")
+
+
+def test_prompt_attention_on_the_cpu_takes_blocks(monkeypatch, hf_tied):
+    """An inference forward pass over a prompt goes through the blocked attention on the
+    CPU, and one decoded token through MLX's call."""
+    from qwen_lora import load
+    from qwen_lora import model as model_module
+
+    calls = []
+    blocked = model_module.attention_cpu_blocks
+    monkeypatch.setattr(model_module, "attention_cpu_blocks",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or blocked(q, *a, **kw))
+    model = load(hf_tied, dtype="float32")
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[1, 5, 9, 2, 7]]), cache=cache))
+    mx.eval(model(mx.array([[3]]), cache=cache))
+    assert calls == [5] * len(model.layers)
