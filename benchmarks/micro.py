@@ -169,16 +169,21 @@ def _square_operands(size: int) -> tuple[mx.array, mx.array]:
     return x, y
 
 
-class MatmulRate:
+class _MachineLimit:
+    """Run attributes of the machine's limits: calls of milliseconds, many samples."""
+
+    number = 1
+    rounds = 1
+    warmup_time = 0.1
+    repeat = W.fast_repeat
+
+
+class MatmulRate(_MachineLimit):
     """One size x size matrix product in the compute dtype: the machine's matmul FLOP/s
     (2 size^3 a call), the limit of prefill and training."""
 
     params = [[DTYPE_NAME], [MATMUL_SIZE]]
     param_names = ["dtype", "size"]
-    number = 1
-    rounds = 1
-    warmup_time = 0.1
-    repeat = W.fast_repeat
 
     def setup(self, dtype: str, size: int) -> None:
         self.x, self.y = _square_operands(size)
@@ -196,17 +201,13 @@ def _head_operands() -> tuple[mx.array, mx.array]:
     return weight, x
 
 
-class HeadMatvec:
+class HeadMatvec(_MachineLimit):
     """One token through a weight of the output head's shape (vocab x hidden), as decoding
     computes it (x @ W.T): the weight's bytes streamed once a call, the machine's memory
     bandwidth as decoding attains it."""
 
     params = [[DTYPE_NAME]]
     param_names = ["dtype"]
-    number = 1
-    rounds = 1
-    warmup_time = 0.1
-    repeat = W.fast_repeat
 
     def setup(self, dtype: str) -> None:
         self.weight, self.x = _head_operands()
