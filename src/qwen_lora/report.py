@@ -727,10 +727,15 @@ MATMUL_RATE, HEAD_MATVEC = "micro.MatmulRate.time_matmul", "micro.HeadMatvec.tim
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def _prefill_lengths(ctx: Context) -> list[int]:
+    """The prompt lengths the prefill benchmark measured."""
+    return sorted({p.get("tokens") for p, _ in ctx.rs.series(PREFILL)} - {None})
+
+
 def _prefill_rows(ctx: Context) -> list[list[str]]:
     impls = _impl_columns(ctx, PREFILL)
     rows = []
-    for tokens in sorted({p.get("tokens") for p, _ in ctx.rs.series(PREFILL)} - {None}):
+    for tokens in _prefill_lengths(ctx):
         m = {i: ctx.m(PREFILL, i, tokens=tokens) for i in impls}
         rows.append([f"{tokens:,}", *(fmt_time(m[i]) for i in impls),
                      *(fmt_ratio(_v(m[i]), _v(m[QWEN_LORA])) for i in impls[1:])])
@@ -778,7 +783,7 @@ def section_limits(ctx: Context) -> list[str]:
 
     add("Decode, a token", f"{weight_bytes / 1e9:.2f} GB of weights read",
         weight_bytes / bytes_per_s, "inference.Generation.time_per_token")
-    for tokens in sorted({p.get("tokens") for p, _ in ctx.rs.series(PREFILL)} - {None}):
+    for tokens in _prefill_lengths(ctx):
         flops = 2 * tokens * work["layers"] + _attention_flops(w, tokens) + 2 * work["head"]
         add(f"Prefill, {tokens:,} tokens", f"{flops / 1e9:,.1f} GFLOP", flops / flops_per_s,
             PREFILL, tokens=tokens)
