@@ -78,6 +78,16 @@ def test_kernels_refuse_inputs_of_the_wrong_size():
         cuda_decode.rms_swiglu(x, nn.RMSNorm(32), nn.Linear(32, 16))  # the projection's K
     with pytest.raises(ValueError, match="the norm has 32 weights, the projection takes 64"):
         cuda_decode.rms_swiglu(x, nn.RMSNorm(32), nn.Linear(64, 16))
+    q, cache = mx.zeros((2, 4, 1, 16)), mx.zeros((2, 2, 8, 16))
+    with pytest.raises(ValueError, match="one query position"):
+        cuda_decode.attend(mx.zeros((2, 4, 3, 16)), cache, cache, mx.array([0]), 0.25)
+    with pytest.raises(ValueError, match=r"keys \(1, 2, 8, 16\)"):
+        cuda_decode.attend(q, cache[:1], cache[:1], mx.array([0]), 0.25)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple"):
+        cuda_decode.attend(q, mx.zeros((2, 3, 8, 16)), mx.zeros((2, 3, 8, 16)),
+                           mx.array([0]), 0.25)
+    with pytest.raises(ValueError, match="one position"):
+        cuda_decode.attend(q, cache, cache, mx.array([0, 1]), 0.25)
     with pytest.raises(ValueError, match="one position"):
         cuda_decode.rms_qkv_rope(x, nn.RMSNorm(64), None, mx.array([1, 2]), mx.zeros(32))
 
@@ -134,6 +144,20 @@ def test_kernels_equal_mlx_operations(sizes, dtype, batch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("batch, nq, nkv", [(1, 14, 2), (3, 4, 4)])
+def test_attend_equals_mlx_attention(dtype, batch, nq, nkv):
+    size, hd = 300, 64
+    q, k, v = (mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i, shape in
+               enumerate([(batch, nq, 1, hd), (batch, nkv, size, hd), (batch, nkv, size, hd)]))
+    for offset in (0, 1, 127, 128, 200, size - 1):
+        got = cuda_decode.attend(q, k, v, mx.array([offset], dtype=mx.int32), hd**-0.5)
+        want = mx.fast.scaled_dot_product_attention(
+            q, k[..., :offset + 1, :], v[..., :offset + 1, :], scale=hd**-0.5)
+        _close(got, want, dtype)
+
+
+@needs_cuda
 def test_odd_rows_and_unaligned_inputs():
     """matvec_add's last block holds one row; an input 2 bytes off 16-byte alignment takes
     the kernels' element-wise loads."""
@@ -152,14 +176,25 @@ def test_fused_step_equals_forward(tiny_dir, dtype, batch):
     model = qwen_lora.load(tiny_dir, dtype=dtype, fuse_projections=True)
     step = DecodeStep(model)
     assert step.fused
+    whole_calls = []
+    whole = step._whole
+
+    def counted(*args):
+        whole_calls.append(args[1].item())
+        return whole(*args)
+
+    step._whole = counted
     prompt = mx.array([[5, 17, 42, 9, 250, 3, 77]] * batch)
-    caches = [make_cache(len(model.layers)) for _ in range(2)]
+    # buffers of 8 positions: the first new token fills them, the second grows them (the
+    # per-layer path), the others take the whole step again
+    caches = [make_cache(len(model.layers), step=8) for _ in range(2)]
     for cache in caches:
         prefill(model, prompt, cache)
     for token in (7, 300, 12, 12, 99):
         tokens = mx.array([[token]] * batch)
         _close(step(tokens, caches[0]),
                model(tokens, cache=caches[1], last_only=True)[:, -1, :], dtype)
+    assert whole_calls == [7, 9, 10, 11]
     for fused, plain in zip(caches[0], caches[1], strict=True):
         for a, b in zip(fused.state, plain.state, strict=True):
             _close(a[..., :fused.offset, :], b[..., :plain.offset, :], dtype)
@@ -168,7 +203,8 @@ def test_fused_step_equals_forward(tiny_dir, dtype, batch):
 @needs_cuda
 def test_fused_step_graph_holds_only_kernels_and_attention(tmp_path):
     """Every node of a decoding step's graph costs host time (decoding is bound by it): a
-    layer is four kernels, the cache's two writes and two reads, and attention; no reshapes,
+    layer is five kernels and the cache's two writes (with a mask: four kernels, the cache's
+    two writes and two reads, and MLX's attention); no reshapes,
     no rope frequencies computed again (the graph of 3d4ddcb held 488 nodes at Qwen2.5-0.5B,
     216 of them reshapes and 48 the frequencies)."""
     import collections
@@ -182,11 +218,18 @@ def test_fused_step_graph_holds_only_kernels_and_attention(tmp_path):
     assert step.fused
     cache = make_cache(len(model.layers), capacity=16)
     mx.eval(step(mx.array([[1]]), cache))
-    dot = tmp_path / "step.dot"
-    mx.export_to_dot(str(dot), step(mx.array([[2]]), cache))
-    kinds = collections.Counter(re.findall(r'label ="([^" ]+)', dot.read_text()))
+
+    def kinds(mask) -> collections.Counter:
+        dot = tmp_path / "step.dot"
+        mx.export_to_dot(str(dot), step(mx.array([[2]]), cache, mask))
+        return collections.Counter(re.findall(r'label ="([^" ]+)', dot.read_text()))
+
     layers = len(model.layers)
-    assert kinds["CustomKernel"] == 4 * layers
-    assert kinds["ScaledDotProductAttention"] == layers
-    assert kinds["SliceUpdate"] == kinds["Slice"] == 2 * layers
-    assert not {"Reshape", "Arange"} & set(kinds), kinds
+    whole = kinds(None)  # one compiled function: the kernels and the cache's writes
+    assert whole["CustomKernel"] == 5 * layers and whole["SliceUpdate"] == 2 * layers
+    assert not {"Reshape", "Arange", "Slice", "ScaledDotProductAttention"} & set(whole), whole
+    per_layer = kinds(mx.ones((1, 1, 1, 3), dtype=mx.bool_))  # a mask: MLX's attention
+    assert per_layer["CustomKernel"] == 4 * layers
+    assert per_layer["ScaledDotProductAttention"] == layers
+    assert per_layer["SliceUpdate"] == per_layer["Slice"] == 2 * layers
+    assert not {"Reshape", "Arange"} & set(per_layer), per_layer

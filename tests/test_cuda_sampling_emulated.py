@@ -7,24 +7,19 @@ The distributions are slow tests (`make test-slow`, CI); one batch of rows is a 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from emulated_cuda import CTYPES, build_library
 from test_sampling import KERNEL_CASES, expected_distribution
 
 from qwen_lora import cuda_sampling
 
 THREADS = 64
-HERE = Path(__file__).parent
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-
-
-CTYPES = {np.float32: "float", np.float16: "_Float16"}  # g++'s half: 2 bytes, as __half
 
 
 def kernel_source(vocab: int, top_k: int, dtype: type = np.float32) -> str:
@@ -57,18 +52,8 @@ def build(tmp_path_factory):
 
     def get(vocab: int, top_k: int, dtype: type = np.float32) -> ctypes.CDLL:
         if (vocab, top_k, dtype) not in libraries:
-            source = kernel_source(vocab, top_k, dtype)
-            name = hashlib.sha256(source.encode()).hexdigest()[:16]
-            (root / f"{name}.cpp").write_text(source)
-            proc = subprocess.run(
-                # CUDA reads half logits through a uint4 (16-byte loads): type punning that
-                # nvcc allows and g++'s strict aliasing does not
-                ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC",
-                 "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare", f"-I{HERE}",
-                 f"{name}.cpp", "-o", f"{name}.so"],
-                cwd=root, capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            libraries[vocab, top_k, dtype] = ctypes.CDLL(str(root / f"{name}.so"))
+            libraries[vocab, top_k, dtype] = build_library(kernel_source(vocab, top_k, dtype),
+                                                           root)
         return libraries[vocab, top_k, dtype]
 
     return get

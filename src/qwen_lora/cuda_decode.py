@@ -87,6 +87,19 @@ __device__ inline void ql_partials(const T* w0, const T* w1, const T* x, const T
   }
 }
 
+// The maximum of v over the block's threads; every thread gets it.
+__device__ inline float ql_block_max(float v) {
+  __shared__ float part[QL_THREADS / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = part[0];
+#pragma unroll
+  for (int w = 1; w < QL_THREADS / 32; ++w) v = fmaxf(v, part[w]);
+  return v;
+}
+
 // Sums each of the N values over the block's threads; every thread gets the totals.
 template <int N>
 __device__ inline void ql_block_sum(float* v) {
@@ -166,6 +179,56 @@ _RMS_QKV_ROPE = """
   out[p + HALF] = static_cast<T>(y1 * c + y0 * s);
 """
 
+# out (B, NQ, 1, HD) = softmax(scale * q k^T) v over the keys and values at positions
+# 0..offset[0] of the caches k, v (B, NKV, S, HD); one block per (sequence, query head). Each
+# thread keeps a running softmax (max, sum, weighted values) over the positions
+# threadIdx.x + j * QL_THREADS; the block then rescales the threads' sums to the common
+# maximum and adds them.
+_ATTEND = """
+  int b = blockIdx.x / NQ, h = blockIdx.x % NQ;
+  int length = offset[0] + 1;
+  size_t cache = (static_cast<size_t>(b) * NKV + h / (NQ / NKV)) * S * HD;
+  const T* kb = k + cache;
+  const T* vb = v + cache;
+  __shared__ float qs[HD];
+  for (int d = threadIdx.x; d < HD; d += QL_THREADS) {
+    qs[d] = static_cast<float>(q[(b * NQ + h) * HD + d]) * scale[0];
+  }
+  __syncthreads();
+  bool vec = ql_aligned(kb) && ql_aligned(vb);
+  float peak = -3.0e38f, acc[HD + 1];  // acc[HD]: the sum of the exponentials
+#pragma unroll
+  for (int d = 0; d <= HD; ++d) acc[d] = 0.f;
+  for (int t = threadIdx.x; t < length; t += QL_THREADS) {
+    float score = 0.f, part[8];
+#pragma unroll
+    for (int d = 0; d < HD; d += 8) {
+      ql_load8(kb + static_cast<size_t>(t) * HD + d, vec, part);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) score += qs[d + j] * part[j];
+    }
+    float now = fmaxf(peak, score);
+    float shrink = expf(peak - now), p = expf(score - now);
+    peak = now;
+#pragma unroll
+    for (int d = 0; d < HD; d += 8) {
+      ql_load8(vb + static_cast<size_t>(t) * HD + d, vec, part);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[d + j] = acc[d + j] * shrink + p * part[j];
+    }
+    acc[HD] = acc[HD] * shrink + p;
+  }
+  float shrink = expf(peak - ql_block_max(peak));
+#pragma unroll
+  for (int d = 0; d <= HD; ++d) acc[d] *= shrink;
+  ql_block_sum<HD + 1>(acc);
+  if (threadIdx.x == 0) {
+    T* o = out + (b * NQ + h) * HD;
+#pragma unroll
+    for (int d = 0; d < HD; ++d) o[d] = static_cast<T>(acc[d] / acc[HD]);
+  }
+"""
+
 
 def hashed_kernel(name: str, inputs: list[str], outputs: list[str], source: str,
                   header: str) -> object:
@@ -190,6 +253,7 @@ def _kernels() -> dict[str, object]:
         "rms_qkv_rope": make("rms_qkv_rope",
                              ["x", "nw", "eps", "w", "bias", "offset", "inv_freq"],
                              ["q", "k", "v"], _RMS_QKV_ROPE),
+        "attend": make("attend", ["q", "k", "v", "offset", "scale"], ["out"], _ATTEND),
     }
 
 
@@ -319,3 +383,29 @@ def rms_qkv_rope(x: mx.array, norm: nn.RMSNorm, attn: nn.Module, offset: mx.arra
     q, k, v = _launch("rms_qkv_rope", inputs, (nq + 2 * nkv) * hd // 2, shapes, dtype,
                       B=batch, K=dim, HD=hd, NQ=nq, NKV=nkv)
     return q, k, v
+
+
+def attend(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array,
+           scale: float) -> mx.array:
+    """Attention of one query position per sequence, q (batch, heads, 1, head_dim), over the
+    cache positions 0..offset (an int32 array of one value) of keys and values (batch,
+    kv_heads, size, head_dim): `mx.fast.scaled_dot_product_attention(q, keys[..., :offset + 1,
+    :], values[..., :offset + 1, :], scale=scale)`, with the length read on the device, so
+    that a compiled function takes the whole preallocated cache (fixed shapes) as it grows."""
+    batch, nq, length, hd = q.shape
+    _, nkv, size, _ = keys.shape
+    if length != 1 or values.shape != keys.shape or keys.shape[::3] != (batch, hd):
+        raise ValueError(f"expected one query position and caches of its batch and head size, "
+                         f"got q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}")
+    if nq % nkv or hd % 8:
+        raise ValueError(f"query heads ({nq}) must be a multiple of key/value heads ({nkv}), "
+                         f"and head_dim ({hd}) of 8")
+    if offset.size != 1:
+        raise ValueError(f"offset must hold one position, got shape {tuple(offset.shape)}")
+    dtype = keys.dtype
+    inputs = [q.astype(dtype), keys, values.astype(dtype), offset.astype(mx.int32),
+              mx.array([scale], dtype=mx.float32)]
+    (out,) = _launch("attend", inputs, batch * nq, [(batch, nq, 1, hd)], dtype,
+                     NQ=nq, NKV=nkv, S=size, HD=hd)
+    return out

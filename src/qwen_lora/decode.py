@@ -10,6 +10,12 @@ next (output projection, residuals, feed-forward, norm, the next layer's project
 rotations) is one compiled function, and attention with its cache update runs as usual
 between them. On MLX's CUDA backend those functions use the fused kernels of
 `qwen_lora.cuda_decode` where the model allows (four kernel calls a layer instead of ~10).
+
+There, attention has a kernel of its own too (`cuda_decode.attend`), which reads the
+cache's length on the device: the whole step, cache writes included, is then one compiled
+function of fixed shapes over the cache's preallocated buffers, one call a token instead of
+three Python calls a layer. It takes over while the cache has room and no mask is given;
+otherwise (a cache to grow, left-padded batches) the per-layer path runs.
 """
 
 from __future__ import annotations
@@ -55,12 +61,19 @@ class DecodeStep:
             inv_freq = cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
             mx.eval(inv_freq)
         parts = _Parts(self.fused, inv_freq)
-        self._first = _compiled(_embed_and_project(embed, self.layers[0], parts),
-                                [embed, self.layers[0]])
-        self._between = [_compiled(_layer_boundary(this, following, parts), [this, following])
-                         for this, following in itertools.pairwise(self.layers)]
-        self._last = _compiled(_finish(self.layers[-1], norm, head, parts),
-                               [self.layers[-1], norm, head_module])
+        first = _embed_and_project(embed, self.layers[0], parts)
+        between = [_layer_boundary(this, following, parts)
+                   for this, following in itertools.pairwise(self.layers)]
+        last = _finish(self.layers[-1], norm, head, parts)
+        self._first = _compiled(first, [embed, self.layers[0]])
+        self._between = [_compiled(fn, list(pair)) for fn, pair
+                         in zip(between, itertools.pairwise(self.layers), strict=True)]
+        self._last = _compiled(last, [self.layers[-1], norm, head_module])
+        self._whole = None
+        if self.fused:
+            modules = [embed, *self.layers, norm, head_module]
+            unique = list({id(m): m for m in modules}.values())  # a tied head is the embedding
+            self._whole = _compiled(_whole_step(first, between, last, self.layers), unique)
 
     def __call__(self, tokens: mx.array, cache: Sequence[KVCache],
                  mask: Mask = None) -> mx.array:
@@ -68,6 +81,13 @@ class DecodeStep:
             raise ValueError(f"tokens must have shape (batch, 1), got {tuple(tokens.shape)}")
         if len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        if self._whole is not None and mask is None and _has_room(cache, tokens.shape[0]):
+            position = mx.array([cache[0].offset], dtype=mx.int32)
+            logits, keys, values = self._whole(tokens, position, [c.keys for c in cache],
+                                               [c.values for c in cache])
+            for c, k, v in zip(cache, keys, values, strict=True):
+                c.keys, c.values, c.offset = k, v, c.offset + 1
+            return logits
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         x, q, k, v = self._first(tokens, offset)
         for i, layer in enumerate(self.layers):
@@ -130,6 +150,35 @@ def _finish(last: nn.Module, norm: nn.Module, head: Callable, parts: _Parts
         h = parts.finish(last, x, out)
         return head(norm(h[:, -1:, :]))[:, -1, :]
     return run
+
+
+def _whole_step(first: Callable, between: list[Callable], last: Callable,
+                layers: list[nn.Module]) -> Callable[..., tuple]:
+    """The step as one function of fixed shapes, for one compiled call a token: each layer
+    writes its key and value into the cache's preallocated buffers at `position` and attends
+    over positions 0..position with `cuda_decode.attend`, which reads the length on the
+    device. Returns the logits and the updated buffers."""
+    def run(tokens: mx.array, position: mx.array, keys: list[mx.array],
+            values: list[mx.array]) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+        x, q, k, v = first(tokens, position)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(layers):
+            new_keys.append(mx.slice_update(keys[i], k, position, axes=(2,)))
+            new_values.append(mx.slice_update(values[i], v, position, axes=(2,)))
+            out = cuda_decode.attend(q, new_keys[-1], new_values[-1], position,
+                                     layer.self_attn.scale)
+            if i < len(between):
+                x, q, k, v = between[i](x, out, position)
+        return last(x, out), new_keys, new_values
+    return run
+
+
+def _has_room(cache: Sequence[KVCache], batch: int) -> bool:
+    """Whether every layer's cache holds this batch's keys at one common offset with room
+    for one more position (else the step takes its per-layer path, which grows them)."""
+    offset = cache[0].offset
+    return all(type(c) is KVCache and c.keys is not None and c.offset == offset
+               and offset < c.keys.shape[2] and c.keys.shape[0] == batch for c in cache)
 
 
 def _compiled(fn: Callable, modules: list[nn.Module]) -> Callable:
