@@ -82,7 +82,7 @@ class DecodeStep:
         if len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
         if self._whole is not None and mask is None and _has_room(cache, tokens.shape[0]):
-            position = mx.array([cache[0].offset], dtype=mx.int32)
+            position = mx.array(cache[0].offset, dtype=mx.int32)
             logits, keys, values = self._whole(tokens, position, [c.keys for c in cache],
                                                [c.values for c in cache])
             for c, k, v in zip(cache, keys, values, strict=True):
