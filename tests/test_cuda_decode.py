@@ -226,8 +226,9 @@ def test_fused_step_graph_holds_only_kernels_and_attention(tmp_path):
 
     layers = len(model.layers)
     whole = kinds(None)  # one compiled function: the kernels and the cache's writes
-    assert whole["CustomKernel"] == 5 * layers and whole["SliceUpdate"] == 2 * layers
-    assert not {"Reshape", "Arange", "Slice", "ScaledDotProductAttention"} & set(whole), whole
+    assert whole["CustomKernel"] == 5 * layers and whole["DynamicSliceUpdate"] == 2 * layers
+    assert not {"Reshape", "Arange", "Slice", "SliceUpdate",
+                "ScaledDotProductAttention"} & set(whole), whole
     per_layer = kinds(mx.ones((1, 1, 1, 3), dtype=mx.bool_))  # a mask: MLX's attention
     assert per_layer["CustomKernel"] == 4 * layers
     assert per_layer["ScaledDotProductAttention"] == layers
