@@ -203,8 +203,8 @@ def test_fused_step_equals_forward(tiny_dir, dtype, batch):
 @needs_cuda
 def test_fused_step_graph_holds_only_kernels_and_attention(tmp_path):
     """Every node of a decoding step's graph costs host time (decoding is bound by it): a
-    layer is five kernels and the cache's two writes (with a mask: four kernels, the cache's
-    two writes and two reads, and MLX's attention); no reshapes,
+    layer is five kernels and the cache's two writes (on the per-layer path: four kernels, the
+    cache's two writes and two reads, and MLX's attention); no reshapes,
     no rope frequencies computed again (the graph of 3d4ddcb held 488 nodes at Qwen2.5-0.5B,
     216 of them reshapes and 48 the frequencies)."""
     import collections
@@ -219,19 +219,20 @@ def test_fused_step_graph_holds_only_kernels_and_attention(tmp_path):
     cache = make_cache(len(model.layers), capacity=16)
     mx.eval(step(mx.array([[1]]), cache))
 
-    def kinds(mask) -> collections.Counter:
+    def kinds() -> collections.Counter:
         dot = tmp_path / "step.dot"
-        logits = step(mx.array([[2]]), cache, mask)
+        logits = step(mx.array([[2]]), cache)
         mx.export_to_dot(str(dot), logits)
         mx.eval(logits, [c.state for c in cache])  # the next graph starts from values
         return collections.Counter(re.findall(r'label ="([^" ]+)', dot.read_text()))
 
     layers = len(model.layers)
-    whole = kinds(None)  # one compiled function: the kernels and the cache's writes
+    whole = kinds()  # one compiled function: the kernels and the cache's writes
     assert whole["CustomKernel"] == 5 * layers and whole["DynamicSliceUpdate"] == 2 * layers
     assert not {"Reshape", "Arange", "Slice", "SliceUpdate",
                 "ScaledDotProductAttention"} & set(whole), whole
-    per_layer = kinds(mx.ones((1, 1, 1, 3), dtype=mx.bool_))  # a mask: MLX's attention
+    step._whole = None  # the path of masks and caches to grow
+    per_layer = kinds()
     assert per_layer["CustomKernel"] == 4 * layers
     assert per_layer["ScaledDotProductAttention"] == layers
     assert per_layer["SliceUpdate"] == per_layer["Slice"] == 2 * layers
