@@ -270,22 +270,31 @@ def test_missing_measurements_say_so(tmp_path, head):
 
 
 def test_rows_not_rerun_come_from_an_earlier_commit_and_say_so(tmp_path, head):
+    """Several commits fill in order: the first where it has the benchmark, then the next."""
     results = tmp_path / "results"
-    base = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    write_results(results, base)
+    base, older = (subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+                   for ref in ("HEAD~1", "HEAD~2"))
+    write_results(results, older)
+    base_path = write_results(results, base)
+    data = json.loads(base_path.read_text())
+    del data["results"]["inference.KVCacheVsRecompute.time_token"]
+    base_path.write_text(json.dumps(data))
     path = write_results(results, head)
     data = json.loads(path.read_text())
     del data["results"]["training.LoRATraining.time_step"]
+    del data["results"]["inference.KVCacheVsRecompute.time_token"]
     data["results"]["memory.PeakMemory.track_train_step"][0] = [1.0, 2.0]  # this run's
     path.write_text(json.dumps(data))
     out = tmp_path / "B.md"
     assert main([*CONFIG, "--results", str(results), "--workload", "small",
-                 "--fill-from", base[:8], "-o", str(out)]) == 0
+                 "--fill-from", base[:8], "--fill-from", older[:8], "-o", str(out)]) == 0
     text = out.read_text()
     assert row(text, "Time/step (ms)")[1:5] == ["200 ± 20", "250 ± 25", "100 ± 10", "0.80x"]
     assert (f"**From commit `{base[:8]}`** (not rerun at this one): "
-            "`training.LoRATraining.time_step`") in text
+            "`training.LoRATraining.time_step`  ") in text
+    assert (f"**From commit `{older[:8]}`** (not rerun at this one): "
+            "`inference.KVCacheVsRecompute.time_token`  ") in text
     assert row(text, "Training Step")[1:3] == ["0.0", "0.0"]  # not filled: this run has it
 
 

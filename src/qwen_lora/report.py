@@ -1145,9 +1145,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="asv machine name (default: the only one, or this host's name)")
     p.add_argument("--commit", default=None, help="commit whose results to report (default: "
                    "HEAD)")
-    p.add_argument("--fill-from", metavar="COMMIT", default=None,
+    p.add_argument("--fill-from", metavar="COMMIT", action="append", default=[],
                    help="take benchmarks the commit's results lack from COMMIT's results on "
-                        "the same machine (the report names them)")
+                        "the same machine (the report names them); repeatable, each COMMIT "
+                        "filling what the ones before it left")
     p.add_argument("--workload", default="default", choices=sorted(WORKLOADS))
     p.add_argument("--output", "-o", default="docs/BENCHMARKS.md",
                    help="file to write, or - for standard output (default: docs/BENCHMARKS.md)")
@@ -1165,8 +1166,8 @@ def run(args: argparse.Namespace) -> int:
     results = args.results or repo / config.get("results_dir", "results")
     rs, machine_info, machine = find_results(Path(results), args.machine, args.commit,
                                              args.workload, repo)
-    if args.fill_from:
-        base, _, _ = find_results(Path(results), machine, args.fill_from, args.workload, repo)
+    for commit in args.fill_from:
+        base, _, _ = find_results(Path(results), machine, commit, args.workload, repo)
         rs.fill_from(base)
     text = render(Context(rs, machine_info, machine, args.workload, repo, config))
     if args.output == "-":
