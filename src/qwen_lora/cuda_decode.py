@@ -29,7 +29,6 @@ import mlx.nn as nn
 
 MAX_BATCH = 8  # sequences per kernel call; larger batches keep MLX's matmuls
 THREADS = 128  # per block (QL_THREADS in the kernels)
-ATTEND_THREADS = 128  # per block of `attend`: each thread reads every ATTEND_THREADS-th position
 HALF_TYPES = (mx.float16, mx.bfloat16)
 
 # Eight values at p as floats; `vec` (p 16-byte aligned): with one 16-byte load of half-
@@ -254,13 +253,8 @@ def _kernels() -> dict[str, object]:
         "rms_qkv_rope": make("rms_qkv_rope",
                              ["x", "nw", "eps", "w", "bias", "offset", "inv_freq"],
                              ["q", "k", "v"], _RMS_QKV_ROPE),
+        "attend": make("attend", ["q", "k", "v", "offset", "scale"], ["out"], _ATTEND),
     }
-
-
-@functools.cache
-def _attend_kernel(threads: int) -> object:
-    header = _HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {threads}")
-    return hashed_kernel("attend", ["q", "k", "v", "offset", "scale"], ["out"], _ATTEND, header)
 
 
 def _launch(name: str, inputs: list[mx.array], blocks: int, outputs: list[tuple],
@@ -412,9 +406,6 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array,
     dtype = keys.dtype
     inputs = [q.astype(dtype), keys, values.astype(dtype), offset.astype(mx.int32),
               mx.array([scale], dtype=mx.float32)]
-    threads = ATTEND_THREADS
-    (out,) = _attend_kernel(threads)(
-        inputs=inputs, template=[("T", dtype), ("NQ", nq), ("NKV", nkv), ("S", size), ("HD", hd)],
-        grid=(batch * nq * threads, 1, 1), threadgroup=(threads, 1, 1),
-        output_shapes=[(batch, nq, 1, hd)], output_dtypes=[dtype])
+    (out,) = _launch("attend", inputs, batch * nq, [(batch, nq, 1, hd)], dtype,
+                     NQ=nq, NKV=nkv, S=size, HD=hd)
     return out
