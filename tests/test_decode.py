@@ -12,7 +12,13 @@ import pytest
 
 import qwen_lora
 from qwen_lora.cache import make_cache
-from qwen_lora.decode import DecodeStep, decode_step, structure_key
+from qwen_lora.decode import (
+    WHOLE_STEP_POSITIONS,
+    DecodeStep,
+    _takes_whole_step,
+    decode_step,
+    structure_key,
+)
 from qwen_lora.generate import prefill
 from qwen_lora.lora import apply_lora
 from qwen_lora.weights import init_model_dir
@@ -191,3 +197,27 @@ def _prefilled(model):
     cache = model.make_cache()
     prefill(model, mx.array(PROMPT), cache)
     return cache
+
+
+def test_whole_step_only_where_it_is_faster_and_the_cache_has_room():
+    """The whole step (CUDA) writes into the preallocated buffers and attends with a kernel
+    slower than MLX's past WHOLE_STEP_POSITIONS; anything else takes the per-layer path."""
+    def cache(offset: int, size: int, layers: int = 3, batch: int = 2) -> list:
+        cache = make_cache(layers, capacity=size)
+        for c in cache:
+            new = mx.zeros((batch, 2, offset, 8))
+            c.update_and_fetch(new, new)
+        return cache
+
+    assert _takes_whole_step(cache(5, 8), 2, None)
+    assert _takes_whole_step(cache(7, 8), 2, None)
+    assert not _takes_whole_step(cache(8, 8), 2, None)  # full: the per-layer path grows it
+    assert not _takes_whole_step(cache(5, 8), 3, None)  # another batch
+    assert not _takes_whole_step(cache(5, 8), 2, mx.ones((2, 1, 1, 6), dtype=mx.bool_))
+    assert not _takes_whole_step(make_cache(3), 2, None)  # nothing cached yet
+    uneven = cache(5, 8)
+    uneven[1].trim(1)
+    assert not _takes_whole_step(uneven, 2, None)
+    limit = WHOLE_STEP_POSITIONS
+    assert _takes_whole_step(cache(limit - 1, limit + 8, layers=1), 2, None)
+    assert not _takes_whole_step(cache(limit, limit + 8, layers=1), 2, None)
