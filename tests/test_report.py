@@ -284,6 +284,7 @@ def test_rows_not_rerun_come_from_an_earlier_commit_and_say_so(tmp_path, head):
     data = json.loads(path.read_text())
     del data["results"]["training.LoRATraining.time_step"]
     del data["results"]["inference.KVCacheVsRecompute.time_token"]
+    del data["results"]["inference.Sampling.time_sample"]
     data["results"]["memory.PeakMemory.track_train_step"][0] = [1.0, 2.0]  # this run's
     path.write_text(json.dumps(data))
     out = tmp_path / "B.md"
@@ -292,10 +293,19 @@ def test_rows_not_rerun_come_from_an_earlier_commit_and_say_so(tmp_path, head):
     text = out.read_text()
     assert row(text, "Time/step (ms)")[1:5] == ["200 ± 20", "250 ± 25", "100 ± 10", "0.80x"]
     assert (f"**From commit `{base[:8]}`** (not rerun at this one): "
-            "`training.LoRATraining.time_step`  ") in text
+            "`inference.Sampling.time_sample`, `training.LoRATraining.time_step`  ") in text
     assert (f"**From commit `{older[:8]}`** (not rerun at this one): "
             "`inference.KVCacheVsRecompute.time_token`  ") in text
     assert row(text, "Training Step")[1:3] == ["0.0", "0.0"]  # not filled: this run has it
+    # a ratio of two benchmarks from two runs says so
+    across = (f"across runs: `{base[:8]}` measured `inference.Sampling.time_sample`; "
+              f"`{head[:8]}` measured `inference.ForwardPass.time_forward`")
+    assert across in row(text, "Sampling Overhead")[2]
+    assert f"- The % columns are {across}" in text
+    assert (f"- Ratios across runs: `{head[:8]}` measured `micro.MatmulRate.time_matmul`, "
+            f"`micro.HeadMatvec.time_matvec`, `inference.Generation.time_per_token`, "
+            f"`inference.Prefill.time_first_token`; `{base[:8]}` measured "
+            "`training.LoRATraining.time_step`") in text
 
 
 def test_results_are_chosen_by_machine_commit_and_workload(tmp_path, head, capsys):

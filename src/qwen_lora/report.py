@@ -128,6 +128,10 @@ class ResultSet:
     def series(self, benchmark: str) -> list[tuple[dict[str, Any], Measurement]]:
         return [(dict(p), m) for (name, p), m in self.values.items() if name == benchmark]
 
+    def commit_of(self, benchmark: str) -> str:
+        """The commit whose run measured `benchmark` (an earlier one where it was filled)."""
+        return self.filled.get(benchmark, self.commit)
+
     def fill_from(self, base: ResultSet) -> None:
         """Take the benchmarks this set lacks whole from `base` (an earlier run on the same
         machine), noting which: each benchmark's lines still come from one run."""
@@ -332,10 +336,12 @@ def judge(rs: ResultSet, vocab: int) -> list[Verdict]:
                            strategy=s, vocabulary=vocab)) for s in STRATEGIES}
     shares = {s: v / forward for s, v in shares.items() if v is not None and forward}
     worst = max(shares, key=shares.get) if shares else None
+    runs = _across_runs(rs, "inference.Sampling.time_sample", "inference.ForwardPass.time_forward")
     out.append(Verdict("Sampling Overhead", "< 1% of forward",
                        "n/a" if worst is None else
                        f"{shares[worst]:.2%} (worst: {STRATEGY_NAMES[worst]}, vocabulary "
-                       f"{vocab:,})", None if worst is None else shares[worst] < 0.01,
+                       f"{vocab:,}{'; ' + runs if runs else ''})",
+                       None if worst is None else shares[worst] < 0.01,
                        "`inference.Sampling.time_sample` / `inference.ForwardPass.time_forward`"))
     return out
 
@@ -382,6 +388,18 @@ def _impl_columns(ctx: Context, bench: str) -> list[str]:
     if any(p.get(IMPL) == TORCH for p, _ in ctx.rs.series(bench)):
         impls.append(TORCH)
     return impls
+
+
+def _across_runs(rs: ResultSet, *benchmarks: str) -> str:
+    """"" where the benchmarks come from one run; else the commit of each one's run, for a
+    ratio between them that crosses runs (on a GPU, runs hours apart can differ by 1.5x)."""
+    by_commit: dict[str, list[str]] = {}
+    for b in benchmarks:
+        by_commit.setdefault(rs.commit_of(b), []).append(f"`{b}`")
+    if len(by_commit) < 2:
+        return ""
+    return "across runs: " + "; ".join(f"`{c[:8]}` measured {', '.join(names)}"
+                                       for c, names in by_commit.items())
 
 
 def _filled_note(ctx: Context) -> list[str]:
@@ -596,6 +614,8 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
             row.append("n/a" if s is None or f is None else f"{s.value / f.value:.2%}")
         s_rows.append(row)
     fwd_text = ", ".join(f"{NAMES[i]} {fmt_time(forward[i])} ms" for i in forward)
+    runs = _across_runs(ctx.rs, "inference.Sampling.time_sample",
+                        "inference.ForwardPass.time_forward")
     return [
         "## Inference Benchmarks",
         "",
@@ -642,6 +662,7 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
         f"- % of Forward Pass: the strategy at the model's vocabulary ({vocab:,}) over one "
         f"decoding forward pass with a {w['prompt']}-token cache "
         f"(`inference.ForwardPass.time_forward`: {fwd_text})",
+        *([f"- The % columns are {runs}"] if runs else []),
         "",
         *table(s_header, s_rows),
         "**Expected**: <1% of forward pass time (judged under Performance Targets).",
@@ -774,8 +795,10 @@ def section_limits(ctx: Context) -> list[str]:
     bytes_per_s = work["head"] * element / mv.value
     weight_bytes = (work["layers"] + work["head"]) * element
     rows = []
+    benches = []
 
     def add(label: str, amount: str, floor: float, bench: str, **p: Any) -> None:
+        benches.append(bench)
         m = {i: ctx.m(bench, i, **p) for i in (QWEN_LORA, MLX_LM)}
         rows.append([label, amount, fmt_seconds(floor),
                      *(x for i in (QWEN_LORA, MLX_LM)
@@ -807,6 +830,8 @@ def section_limits(ctx: Context) -> list[str]:
         "under 0.1%), attention's backward twice its forward",
         "- Limit: the work at the measured rate; \"x the limit\" is the measured time over it "
         "(1.00x would run at the machine's measured rate)",
+        *([f"- Ratios {runs}"] if (runs := _across_runs(
+            ctx.rs, MATMUL_RATE, HEAD_MATVEC, *dict.fromkeys(benches))) else []),
         "",
         *table(["Workload", "Work", "Limit (ms)", "qwen_lora (ms)", "x the limit", "mlx-lm (ms)",
                 "x the limit"], rows),
