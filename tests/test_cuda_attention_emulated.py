@@ -20,23 +20,24 @@ THREADS = 64
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def kernel_source(nq: int, nkv: int, size: int, head_dim: int, dtype: type) -> str:
+def kernel_source(nq: int, nkv: int, head_dim: int, dtype: type) -> str:
     header = cuda_decode._HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
     ctype = CTYPES[dtype]
     return f"""#include "cuda_emu.h"
 {header}
-template <typename T, int NQ, int NKV, int S, int HD>
+template <typename T, int NQ, int NKV, int HD>
 void attend(const T* q, const T* k, const T* v, const int32_t* offset, const float* scale,
-            T* out) {{
+            const int32_t* size, T* out) {{
 {cuda_decode._ATTEND}
 }}
 
 extern "C" int run(unsigned batch, const void* q, const void* k, const void* v,
-                   const int32_t* offset, const float* scale, void* out) {{
+                   const int32_t* offset, const float* scale, const int32_t* size,
+                   void* out) {{
   bool ok = emu::launch(batch * {nq}, {THREADS}, [&] {{
-    attend<{ctype}, {nq}, {nkv}, {size}, {head_dim}>(
+    attend<{ctype}, {nq}, {nkv}, {head_dim}>(
         static_cast<const {ctype}*>(q), static_cast<const {ctype}*>(k),
-        static_cast<const {ctype}*>(v), offset, scale, static_cast<{ctype}*>(out));
+        static_cast<const {ctype}*>(v), offset, scale, size, static_cast<{ctype}*>(out));
   }});
   return ok ? 0 : 1;
 }}
@@ -68,16 +69,19 @@ def run_attend(lib: ctypes.CDLL, q: np.ndarray, k: np.ndarray, v: np.ndarray, of
                      ctypes.c_void_p(k.ctypes.data), ctypes.c_void_p(v.ctypes.data),
                      np.ctypeslib.as_ctypes(np.array([offset], dtype=np.int32)),
                      np.ctypeslib.as_ctypes(np.array([scale], dtype=np.float32)),
+                     np.ctypeslib.as_ctypes(np.array([k.shape[2]], dtype=np.int32)),
                      ctypes.c_void_p(out.ctypes.data))
     assert status == 0, "the kernel deadlocked: threads wait at a barrier others never reach"
     return out
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("batch, nq, nkv, head_dim", [(1, 14, 2, 64), (3, 4, 4, 16)])
-def test_emulated_attention_equals_numpy(root, dtype, batch, nq, nkv, head_dim):
-    size = 3 * THREADS + 8
-    lib = build_library(kernel_source(nq, nkv, size, head_dim, dtype), root)
+@pytest.mark.parametrize("batch, nq, nkv, head_dim, size",
+                         [(1, 14, 2, 64, 3 * THREADS + 8), (3, 4, 4, 16, 3 * THREADS + 8),
+                          (2, 4, 2, 16, 2 * THREADS + 40)])
+def test_emulated_attention_equals_numpy(root, dtype, batch, nq, nkv, head_dim, size):
+    """The last case: a batch of grouped heads, at another cache size than the others'."""
+    lib = build_library(kernel_source(nq, nkv, head_dim, dtype), root)
     rng = np.random.default_rng(nq + head_dim)
     q = rng.normal(size=(batch, nq, 1, head_dim)).astype(dtype)
     k = (2 * rng.normal(size=(batch, nkv, size, head_dim))).astype(dtype)
@@ -89,6 +93,11 @@ def test_emulated_attention_equals_numpy(root, dtype, batch, nq, nkv, head_dim):
         want = numpy_attention(q, k, v, offset + 1, scale)
         np.testing.assert_allclose(got.astype(np.float64), want, rtol=tolerance,
                                    atol=tolerance, err_msg=f"offset {offset}")
+    # one build serves caches of any size (read at run time)
+    half = size // 2
+    got = run_attend(lib, q, k[:, :, :half], v[:, :, :half], half - 1, scale)
+    np.testing.assert_allclose(got.astype(np.float64), numpy_attention(q, k, v, half, scale),
+                               rtol=tolerance, atol=tolerance)
     # positions past the offset are never read: NaN there changes nothing
     k[:, :, 10:] = np.nan
     v[:, :, 10:] = np.nan
@@ -100,7 +109,7 @@ def test_emulated_attention_equals_numpy(root, dtype, batch, nq, nkv, head_dim):
 def test_emulated_attention_of_one_position_is_its_value(root):
     """Softmax over one key is 1 whatever the score: the output is that value (large scores
     included, where a softmax without its maximum subtracted would overflow)."""
-    lib = build_library(kernel_source(2, 1, 8, 8, np.float32), root)
+    lib = build_library(kernel_source(2, 1, 8, np.float32), root)
     q = np.full((1, 2, 1, 8), 100.0, dtype=np.float32)
     k = np.full((1, 1, 8, 8), 100.0, dtype=np.float32)
     v = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)

@@ -16,6 +16,7 @@ from qwen_lora.decode import (
     WHOLE_STEP_POSITIONS,
     DecodeStep,
     _takes_whole_step,
+    cache_capacity,
     decode_step,
     structure_key,
 )
@@ -221,3 +222,15 @@ def test_whole_step_only_where_it_is_faster_and_the_cache_has_room():
     limit = WHOLE_STEP_POSITIONS
     assert _takes_whole_step(cache(limit - 1, limit + 8, layers=1), 2, None)
     assert not _takes_whole_step(cache(limit, limit + 8, layers=1), 2, None)
+
+
+def test_cache_capacity_in_steps_only_for_the_whole_step(tiny_dir, monkeypatch):
+    """Prompts of different lengths share the whole step's compiled shapes; elsewhere the
+    cache is allocated as asked."""
+    model = qwen_lora.load(tiny_dir, dtype="float32", fuse_projections=True)
+    step = decode_step(model)
+    if step._whole is not None:
+        pytest.skip("the whole step runs here (a CUDA device)")
+    assert [cache_capacity(model, n) for n in (1, 228, 256, 257)] == [1, 228, 256, 257]
+    monkeypatch.setattr(step, "_whole", lambda *args: None)  # as on a CUDA device
+    assert [cache_capacity(model, n) for n in (1, 228, 256, 257)] == [256, 256, 256, 512]

@@ -180,14 +180,15 @@ _RMS_QKV_ROPE = """
 """
 
 # out (B, NQ, 1, HD) = softmax(scale * q k^T) v over the keys and values at positions
-# 0..offset[0] of the caches k, v (B, NKV, S, HD); one block per (sequence, query head). Each
+# 0..offset[0] of the caches k, v (B, NKV, size[0], HD): the size is read at run time, so
+# that caches of every size share one compiled kernel; one block per (sequence, query head). Each
 # thread keeps a running softmax (max, sum, weighted values) over the positions
 # threadIdx.x + j * QL_THREADS; the block then rescales the threads' sums to the common
 # maximum and adds them.
 _ATTEND = """
   int b = blockIdx.x / NQ, h = blockIdx.x % NQ;
   int length = offset[0] + 1;
-  size_t cache = (static_cast<size_t>(b) * NKV + h / (NQ / NKV)) * S * HD;
+  size_t cache = (static_cast<size_t>(b) * NKV + h / (NQ / NKV)) * size[0] * HD;
   const T* kb = k + cache;
   const T* vb = v + cache;
   __shared__ float qs[HD];
@@ -253,7 +254,8 @@ def _kernels() -> dict[str, object]:
         "rms_qkv_rope": make("rms_qkv_rope",
                              ["x", "nw", "eps", "w", "bias", "offset", "inv_freq"],
                              ["q", "k", "v"], _RMS_QKV_ROPE),
-        "attend": make("attend", ["q", "k", "v", "offset", "scale"], ["out"], _ATTEND),
+        "attend": make("attend", ["q", "k", "v", "offset", "scale", "size"], ["out"],
+                       _ATTEND),
     }
 
 
@@ -405,7 +407,7 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array,
         raise ValueError(f"offset must hold one position, got shape {tuple(offset.shape)}")
     dtype = keys.dtype
     inputs = [q.astype(dtype), keys, values.astype(dtype), offset.astype(mx.int32),
-              mx.array([scale], dtype=mx.float32)]
+              mx.array([scale], dtype=mx.float32), mx.array([size], dtype=mx.int32)]
     (out,) = _launch("attend", inputs, batch * nq, [(batch, nq, 1, hd)], dtype,
-                     NQ=nq, NKV=nkv, S=size, HD=hd)
+                     NQ=nq, NKV=nkv, HD=hd)
     return out

@@ -33,10 +33,15 @@ from qwen_lora.model import Mask, Model
 
 Heads = tuple[mx.array, mx.array, mx.array]
 # The whole step's attention kernel runs one block per query head, its threads walking the
-# positions: on an H100 (Qwen2.5-0.5B, float16) it decoded at 2.72 ms a token after 128
-# positions against the per-layer path's 3.56 (MLX's attention), level after 1,000 (2.80
-# against 3.05; minima 2.44, 2.48), and behind after 3,000 (3.69 against 2.80).
+# positions: on an H100 (Qwen2.5-0.5B, float16, medians of 3 runs) it decoded at 2.72 ms a
+# token after 128 positions against the per-layer path's 3.56 (MLX's attention), 8% ahead
+# after 1,000 (2.80 against 3.05; minima 2.44 and 2.48), and behind after 3,000 (3.69
+# against 2.80).
 WHOLE_STEP_POSITIONS = 1024
+# The whole step is compiled for the shape of the cache's buffers: each new shape traces the
+# model again (milliseconds of host time) and MLX keeps every trace. Generation allocates
+# them in multiples of this (`cache_capacity`), so that prompts of any length share a few.
+WHOLE_STEP_CAPACITY_STEP = 256
 
 
 class DecodeStep:
@@ -76,7 +81,7 @@ class DecodeStep:
                          in zip(between, itertools.pairwise(self.layers), strict=True)]
         self._last = _compiled(last, [self.layers[-1], norm, head_module])
         self._whole = None
-        if self.fused:
+        if self.fused and attn.head_dim % 8 == 0:  # cuda_decode.attend reads 8 at a time
             modules = [embed, *self.layers, norm, head_module]
             unique = list({id(m): m for m in modules}.values())  # a tied head is the embedding
             self._whole = _compiled(_whole_step(first, between, last, self.layers), unique)
@@ -211,6 +216,15 @@ def _modules(module: nn.Module) -> Iterator[nn.Module]:
             for item in value:
                 if isinstance(item, nn.Module):
                     yield from _modules(item)
+
+
+def cache_capacity(model: Model, positions: int) -> int:
+    """The KV cache capacity to allocate for `positions`: rounded up to a multiple of
+    `WHOLE_STEP_CAPACITY_STEP` where the model decodes with the whole step, `positions`
+    elsewhere."""
+    if getattr(decode_step(model), "_whole", None) is None:
+        return positions
+    return -(-positions // WHOLE_STEP_CAPACITY_STEP) * WHOLE_STEP_CAPACITY_STEP
 
 
 def decode_step(model: Model) -> Callable[..., mx.array]:

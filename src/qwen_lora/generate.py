@@ -11,7 +11,7 @@ import numpy as np
 
 from qwen_lora.backend import is_gpu
 from qwen_lora.cache import KVCache
-from qwen_lora.decode import decode_step
+from qwen_lora.decode import cache_capacity, decode_step
 from qwen_lora.model import Model
 from qwen_lora.sampling import Sampler
 
@@ -29,7 +29,7 @@ def _cache_for(model: Model, batch: int, prompt_length: int, max_tokens: int
     token_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
                    * model.model.norm.weight.dtype.size * batch)  # keys and values
     room = min(max_tokens, PREALLOCATED_TOKENS, PREALLOCATED_BYTES // token_bytes)
-    return model.make_cache(capacity=prompt_length + room)
+    return model.make_cache(capacity=cache_capacity(model, prompt_length + room))
 
 
 @dataclass
