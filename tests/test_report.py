@@ -13,7 +13,10 @@ import pytest
 from qwen_lora.cli import main as cli_main
 from qwen_lora.report import (
     SEED_MAP,
+    Measurement,
     ReportError,
+    ResultSet,
+    _across_runs,
     find_results,
     load_json_with_comments,
     main,
@@ -302,10 +305,21 @@ def test_rows_not_rerun_come_from_an_earlier_commit_and_say_so(tmp_path, head):
               f"`{head[:8]}` measured `inference.ForwardPass.time_forward`")
     assert across in row(text, "Sampling Overhead")[2]
     assert f"- The % columns are {across}" in text
-    assert (f"- Ratios across runs: `{head[:8]}` measured `micro.MatmulRate.time_matmul`, "
-            f"`micro.HeadMatvec.time_matvec`, `inference.Generation.time_per_token`, "
-            f"`inference.Prefill.time_first_token`; `{base[:8]}` measured "
-            "`training.LoRATraining.time_step`") in text
+    # only the training row's ratio crosses runs: its rate and its time are named
+    assert (f"- Ratios across runs: `{head[:8]}` measured `micro.MatmulRate.time_matmul`; "
+            f"`{base[:8]}` measured `training.LoRATraining.time_step`\n") in text
+
+
+def test_a_ratio_across_runs_names_only_measured_benchmarks():
+    rs = ResultSet(path=Path("r.json"), commit="a" * 40, env_name="", env_vars={}, params={},
+                   started=None)
+    rs.values[("x.X.time_a", ())] = Measurement(1.0, "seconds")
+    rs.values[("x.X.time_b", ())] = Measurement(2.0, "seconds")
+    assert _across_runs(rs, "x.X.time_a", "x.X.time_b") == ""
+    rs.filled["x.X.time_b"] = "b" * 40
+    assert _across_runs(rs, "x.X.time_a", "x.X.time_b", "x.X.time_none") == (
+        "across runs: `aaaaaaaa` measured `x.X.time_a`; `bbbbbbbb` measured `x.X.time_b`")
+    assert _across_runs(rs, "x.X.time_b", "x.X.time_none") == ""  # one run measured them
 
 
 def test_results_are_chosen_by_machine_commit_and_workload(tmp_path, head, capsys):

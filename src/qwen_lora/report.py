@@ -395,7 +395,8 @@ def _across_runs(rs: ResultSet, *benchmarks: str) -> str:
     ratio between them that crosses runs (on a GPU, runs hours apart can differ by 1.5x)."""
     by_commit: dict[str, list[str]] = {}
     for b in benchmarks:
-        by_commit.setdefault(rs.commit_of(b), []).append(f"`{b}`")
+        if rs.series(b):  # one without results was measured by no run
+            by_commit.setdefault(rs.commit_of(b), []).append(f"`{b}`")
     if len(by_commit) < 2:
         return ""
     return "across runs: " + "; ".join(f"`{c[:8]}` measured {', '.join(names)}"
@@ -795,17 +796,19 @@ def section_limits(ctx: Context) -> list[str]:
     bytes_per_s = work["head"] * element / mv.value
     weight_bytes = (work["layers"] + work["head"]) * element
     rows = []
-    benches = []
+    crossing: list[str] = []  # the rates and workloads of ratios that cross runs
 
-    def add(label: str, amount: str, floor: float, bench: str, **p: Any) -> None:
-        benches.append(bench)
+    def add(label: str, amount: str, floor: float, bench: str, rate: str = MATMUL_RATE,
+            **p: Any) -> None:
+        if _across_runs(ctx.rs, rate, bench):
+            crossing.extend((rate, bench))
         m = {i: ctx.m(bench, i, **p) for i in (QWEN_LORA, MLX_LM)}
         rows.append([label, amount, fmt_seconds(floor),
                      *(x for i in (QWEN_LORA, MLX_LM)
                        for x in (fmt_time(m[i]), fmt_ratio(_v(m[i]), floor)))])
 
     add("Decode, a token", f"{weight_bytes / 1e9:.2f} GB of weights read",
-        weight_bytes / bytes_per_s, "inference.Generation.time_per_token")
+        weight_bytes / bytes_per_s, "inference.Generation.time_per_token", HEAD_MATVEC)
     for tokens in _prefill_lengths(ctx):
         flops = 2 * tokens * work["layers"] + _attention_flops(w, tokens) + 2 * work["head"]
         add(f"Prefill, {tokens:,} tokens", f"{flops / 1e9:,.1f} GFLOP", flops / flops_per_s,
@@ -830,8 +833,7 @@ def section_limits(ctx: Context) -> list[str]:
         "under 0.1%), attention's backward twice its forward",
         "- Limit: the work at the measured rate; \"x the limit\" is the measured time over it "
         "(1.00x would run at the machine's measured rate)",
-        *([f"- Ratios {runs}"] if (runs := _across_runs(
-            ctx.rs, MATMUL_RATE, HEAD_MATVEC, *dict.fromkeys(benches))) else []),
+        *([f"- Ratios {_across_runs(ctx.rs, *dict.fromkeys(crossing))}"] if crossing else []),
         "",
         *table(["Workload", "Work", "Limit (ms)", "qwen_lora (ms)", "x the limit", "mlx-lm (ms)",
                 "x the limit"], rows),
