@@ -27,17 +27,17 @@ def kernel_source(nq: int, nkv: int, head_dim: int, dtype: type) -> str:
 {header}
 template <typename T, int NQ, int NKV, int HD>
 void attend(const T* q, const T* k, const T* v, const int32_t* offset, const float* scale,
-            const int32_t* size, T* out) {{
+            const int32_t* cache_size, T* out) {{
 {cuda_decode._ATTEND}
 }}
 
 extern "C" int run(unsigned batch, const void* q, const void* k, const void* v,
-                   const int32_t* offset, const float* scale, const int32_t* size,
+                   const int32_t* offset, const float* scale, const int32_t* cache_size,
                    void* out) {{
   bool ok = emu::launch(batch * {nq}, {THREADS}, [&] {{
     attend<{ctype}, {nq}, {nkv}, {head_dim}>(
         static_cast<const {ctype}*>(q), static_cast<const {ctype}*>(k),
-        static_cast<const {ctype}*>(v), offset, scale, size, static_cast<{ctype}*>(out));
+        static_cast<const {ctype}*>(v), offset, scale, cache_size, static_cast<{ctype}*>(out));
   }});
   return ok ? 0 : 1;
 }}

@@ -180,7 +180,7 @@ _RMS_QKV_ROPE = """
 """
 
 # out (B, NQ, 1, HD) = softmax(scale * q k^T) v over the keys and values at positions
-# 0..offset[0] of the caches k, v (B, NKV, size[0], HD): the size is read at run time, so
+# 0..offset[0] of the caches k, v (B, NKV, cache_size[0], HD): the size is read at run time, so
 # that caches of every size share one compiled kernel; one block per (sequence, query head). Each
 # thread keeps a running softmax (max, sum, weighted values) over the positions
 # threadIdx.x + j * QL_THREADS; the block then rescales the threads' sums to the common
@@ -188,7 +188,7 @@ _RMS_QKV_ROPE = """
 _ATTEND = """
   int b = blockIdx.x / NQ, h = blockIdx.x % NQ;
   int length = offset[0] + 1;
-  size_t cache = (static_cast<size_t>(b) * NKV + h / (NQ / NKV)) * size[0] * HD;
+  size_t cache = (static_cast<size_t>(b) * NKV + h / (NQ / NKV)) * cache_size[0] * HD;
   const T* kb = k + cache;
   const T* vb = v + cache;
   __shared__ float qs[HD];
@@ -254,7 +254,7 @@ def _kernels() -> dict[str, object]:
         "rms_qkv_rope": make("rms_qkv_rope",
                              ["x", "nw", "eps", "w", "bias", "offset", "inv_freq"],
                              ["q", "k", "v"], _RMS_QKV_ROPE),
-        "attend": make("attend", ["q", "k", "v", "offset", "scale", "size"], ["out"],
+        "attend": make("attend", ["q", "k", "v", "offset", "scale", "cache_size"], ["out"],
                        _ATTEND),
     }
 
