@@ -3,7 +3,8 @@
 // (__syncthreads, and the warp-wide ones inside shuffles and ballots) switch fibers, so a
 // kernel whose threads do not all reach a barrier is reported as a deadlock, not hung.
 // __shared__ variables are statics (one block at a time); atomics need no locking (fibers
-// switch only at barriers). Covers what qwen_lora's sampling kernel uses, nothing more.
+// switch only at barriers). Covers what qwen_lora's sampling and decoding kernels use, nothing
+// more.
 #pragma once
 #include <ucontext.h>
 
@@ -184,6 +185,8 @@ inline float atomicAdd(float* p, float v) {
 
 inline unsigned __float_as_uint(float f) { return emu::from_bits<unsigned>(emu::bits(f)); }
 inline float __int_as_float(int i) { return emu::from_bits<float>(emu::bits(i)); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's integer min
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 
