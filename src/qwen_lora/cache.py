@@ -36,10 +36,14 @@ class KVCache:
             values[..., : self.offset, :] = self.values[..., : self.offset, :]
         self.keys, self.values = keys, values
 
+    def has_room(self, length: int = 1) -> bool:
+        """Whether the buffers take `length` more positions without growing."""
+        return self.keys is not None and self.offset + length <= self.keys.shape[2]
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append this step's keys/values; return everything cached so far."""
         length = keys.shape[2]
-        if self.keys is None or self.offset + length > self.keys.shape[2]:
+        if not self.has_room(length):
             self._grow(keys, values)
         end = self.offset + length
         self.keys[..., self.offset:end, :] = keys

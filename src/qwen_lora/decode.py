@@ -92,14 +92,13 @@ class DecodeStep:
             raise ValueError(f"tokens must have shape (batch, 1), got {tuple(tokens.shape)}")
         if len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        offset = mx.array(cache[0].offset, dtype=mx.int32)
         if self._whole is not None and _takes_whole_step(cache, tokens.shape[0], mask):
-            position = mx.array(cache[0].offset, dtype=mx.int32)
-            logits, keys, values = self._whole(tokens, position, [c.keys for c in cache],
+            logits, keys, values = self._whole(tokens, offset, [c.keys for c in cache],
                                                [c.values for c in cache])
             for c, k, v in zip(cache, keys, values, strict=True):
                 c.keys, c.values, c.offset = k, v, c.offset + 1
             return logits
-        offset = mx.array(cache[0].offset, dtype=mx.int32)
         x, q, k, v = self._first(tokens, offset)
         for i, layer in enumerate(self.layers):
             k, v = cache[i].update_and_fetch(k, v)
@@ -190,8 +189,8 @@ def _takes_whole_step(cache: Sequence[KVCache], batch: int, mask: Mask) -> bool:
     position (else the per-layer path runs, which grows them)."""
     offset = cache[0].offset
     return (mask is None and offset < WHOLE_STEP_POSITIONS
-            and all(type(c) is KVCache and c.keys is not None and c.offset == offset
-                    and offset < c.keys.shape[2] and c.keys.shape[0] == batch for c in cache))
+            and all(type(c) is KVCache and c.offset == offset and c.has_room()
+                    and c.keys.shape[0] == batch for c in cache))
 
 
 def _compiled(fn: Callable, modules: list[nn.Module]) -> Callable:
