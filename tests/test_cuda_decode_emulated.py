@@ -21,28 +21,38 @@ THREADS = 64
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def kernel_source(nq: int, nkv: int, head_dim: int, dtype: type) -> str:
+def kernel_source(body: str, params: str, args: str, template: str, dtype: type) -> str:
+    """cuda_decode's kernel `body` (a name) as a function of `params` (inputs, then outputs,
+    as MLX declares them; TYPE for the element type), launched by `run(void** buffers,
+    unsigned blocks)` with the buffers in that order as `args`."""
     header = cuda_decode._HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
-    ctype = CTYPES[dtype]
     return f"""#include "cuda_emu.h"
 {header}
-template <typename T, int NQ, int NKV, int HD>
-void attend(const T* q, const T* k, const T* v, const int32_t* offset, const float* scale,
-            const int32_t* cache_size, T* out) {{
-{cuda_decode._ATTEND}
+template <typename T, {template}>
+void kernel({params.replace("TYPE", "T")}) {{
+{getattr(cuda_decode, body)}
 }}
 
-extern "C" int run(unsigned batch, const void* q, const void* k, const void* v,
-                   const int32_t* offset, const float* scale, const int32_t* cache_size,
-                   void* out) {{
-  bool ok = emu::launch(batch * {nq}, {THREADS}, [&] {{
-    attend<{ctype}, {nq}, {nkv}, {head_dim}>(
-        static_cast<const {ctype}*>(q), static_cast<const {ctype}*>(k),
-        static_cast<const {ctype}*>(v), offset, scale, cache_size, static_cast<{ctype}*>(out));
-  }});
+extern "C" int run(void** p, unsigned blocks) {{
+  using T = {CTYPES[dtype]};
+  bool ok = emu::launch(blocks, {THREADS}, [&] {{ kernel<T>({args}); }});
   return ok ? 0 : 1;
 }}
 """
+
+
+def run_kernel(lib: ctypes.CDLL, blocks: int, *arrays: np.ndarray) -> None:
+    pointers = (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays))
+    status = lib.run(pointers, ctypes.c_uint(blocks))
+    assert status == 0, "the kernel deadlocked: threads wait at a barrier others never reach"
+
+
+def attend_source(nq: int, nkv: int, head_dim: int, dtype: type) -> str:
+    return kernel_source(
+        "_ATTEND", "const TYPE* q, const TYPE* k, const TYPE* v, const int32_t* offset, "
+        "const float* scale, const int32_t* cache_size, TYPE* out",
+        "(T*)p[0], (T*)p[1], (T*)p[2], (int32_t*)p[3], (float*)p[4], (int32_t*)p[5], (T*)p[6]",
+        f"int NQ = {nq}, int NKV = {nkv}, int HD = {head_dim}", dtype)
 
 
 def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int,
@@ -66,13 +76,9 @@ def run_attend(lib: ctypes.CDLL, q: np.ndarray, k: np.ndarray, v: np.ndarray, of
                scale: float) -> np.ndarray:
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
     out = np.full(q.shape, np.nan, dtype=q.dtype)
-    status = lib.run(ctypes.c_uint(q.shape[0]), ctypes.c_void_p(q.ctypes.data),
-                     ctypes.c_void_p(k.ctypes.data), ctypes.c_void_p(v.ctypes.data),
-                     np.ctypeslib.as_ctypes(np.array([offset], dtype=np.int32)),
-                     np.ctypeslib.as_ctypes(np.array([scale], dtype=np.float32)),
-                     np.ctypeslib.as_ctypes(np.array([k.shape[2]], dtype=np.int32)),
-                     ctypes.c_void_p(out.ctypes.data))
-    assert status == 0, "the kernel deadlocked: threads wait at a barrier others never reach"
+    run_kernel(lib, q.shape[0] * q.shape[1], q, k, v, np.array([offset], dtype=np.int32),
+               np.array([scale], dtype=np.float32), np.array([k.shape[2]], dtype=np.int32),
+               out)
     return out
 
 
@@ -82,7 +88,7 @@ def run_attend(lib: ctypes.CDLL, q: np.ndarray, k: np.ndarray, v: np.ndarray, of
                           (2, 4, 2, 16, 2 * THREADS + 40)])
 def test_emulated_attention_equals_numpy(root, dtype, batch, nq, nkv, head_dim, size):
     """The last case: a batch of grouped heads, at another cache size than the others'."""
-    lib = build_library(kernel_source(nq, nkv, head_dim, dtype), root)
+    lib = build_library(attend_source(nq, nkv, head_dim, dtype), root)
     rng = np.random.default_rng(nq + head_dim)
     q = rng.normal(size=(batch, nq, 1, head_dim)).astype(dtype)
     k = (2 * rng.normal(size=(batch, nkv, size, head_dim))).astype(dtype)
@@ -110,7 +116,7 @@ def test_emulated_attention_equals_numpy(root, dtype, batch, nq, nkv, head_dim, 
 def test_emulated_attention_of_one_position_is_its_value(root):
     """Softmax over one key is 1 whatever the score: the output is that value (large scores
     included, where a softmax without its maximum subtracted would overflow)."""
-    lib = build_library(kernel_source(2, 1, 8, np.float32), root)
+    lib = build_library(attend_source(2, 1, 8, np.float32), root)
     q = np.full((1, 2, 1, 8), 100.0, dtype=np.float32)
     k = np.full((1, 1, 8, 8), 100.0, dtype=np.float32)
     v = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
@@ -119,33 +125,6 @@ def test_emulated_attention_of_one_position_is_its_value(root):
 
 
 K = 640  # inputs of the projections: threads 0-15 take two stretches of 8, the others one
-
-
-def projection_source(kernel: str, params: str, args: str, template: str, blocks: int,
-                      dtype: type) -> str:
-    """`kernel`'s body as a function of `params` (inputs, then outputs, as MLX declares them),
-    launched on `blocks` blocks by `run(void** buffers)` in that order."""
-    header = cuda_decode._HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
-    ctype = CTYPES[dtype]
-    body = getattr(cuda_decode, kernel)
-    return f"""#include "cuda_emu.h"
-{header}
-template <typename T, {template}>
-void kernel({params.replace("TYPE", "T")}) {{
-{body}
-}}
-
-extern "C" int run(void** p) {{
-  using T = {ctype};
-  bool ok = emu::launch({blocks}, {THREADS}, [&] {{ kernel<T>({args}); }});
-  return ok ? 0 : 1;
-}}
-"""
-
-
-def run_buffers(lib: ctypes.CDLL, *arrays: np.ndarray) -> None:
-    pointers = (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays))
-    assert lib.run(pointers) == 0, "the kernel deadlocked"
 
 
 def _rms(x: np.ndarray, nw: np.ndarray, eps: float) -> np.ndarray:
@@ -167,11 +146,11 @@ def test_emulated_matvec_add(root, dtype):
     x, w, res = (rng.normal(size=shape).astype(dtype)
                  for shape in [(batch, K), (n, K), (batch, n)])
     y = np.full((batch, n), np.nan, dtype=dtype)
-    lib = build_library(projection_source(
+    lib = build_library(kernel_source(
         "_MATVEC_ADD", "const TYPE* x, const TYPE* w, const TYPE* res, TYPE* y",
         "(T*)p[0], (T*)p[1], (T*)p[2], (T*)p[3]", f"int B = {batch}, int K = {K}, int N = {n}",
-        (n + 1) // 2, dtype), root)
-    run_buffers(lib, x, w, res, y)
+        dtype), root)
+    run_kernel(lib, (n + 1) // 2, x, w, res, y)
     _close(y, res.astype(np.float64) + x.astype(np.float64) @ w.astype(np.float64).T, dtype)
 
 
@@ -184,11 +163,11 @@ def test_emulated_rms_swiglu(root, dtype):
     nw = (1 + 0.3 * rng.normal(size=K)).astype(dtype)
     w = (0.05 * rng.normal(size=(2 * inter, K))).astype(dtype)
     act = np.full((batch, inter), np.nan, dtype=dtype)
-    lib = build_library(projection_source(
+    lib = build_library(kernel_source(
         "_RMS_SWIGLU", "const TYPE* x, const TYPE* nw, const float* eps, const TYPE* w, "
         "TYPE* act", "(T*)p[0], (T*)p[1], (float*)p[2], (T*)p[3], (T*)p[4]",
-        f"int B = {batch}, int K = {K}, int I = {inter}", inter, dtype), root)
-    run_buffers(lib, x, nw, np.array([eps], dtype=np.float32), w, act)
+        f"int B = {batch}, int K = {K}, int I = {inter}", dtype), root)
+    run_kernel(lib, inter, x, nw, np.array([eps], dtype=np.float32), w, act)
     gate, up = np.split(_rms(x, nw, eps) @ w.astype(np.float64).T, 2, axis=-1)
     _close(act, gate / (1 + np.exp(-gate)) * up, dtype)
 
@@ -206,15 +185,15 @@ def test_emulated_rms_qkv_rope(root, dtype):
     bias = rng.normal(size=rows).astype(dtype)
     inv_freq = (base ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
     q, k, v = (np.full((batch, heads, hd), np.nan, dtype=dtype) for heads in (nq, nkv, nkv))
-    lib = build_library(projection_source(
+    lib = build_library(kernel_source(
         "_RMS_QKV_ROPE", "const TYPE* x, const TYPE* nw, const float* eps, const TYPE* w, "
         "const TYPE* bias, const int32_t* offset, const float* inv_freq, TYPE* q, TYPE* k, "
         "TYPE* v", "(T*)p[0], (T*)p[1], (float*)p[2], (T*)p[3], (T*)p[4], (int32_t*)p[5], "
         "(float*)p[6], (T*)p[7], (T*)p[8], (T*)p[9]",
         f"int B = {batch}, int K = {K}, int HD = {hd}, int NQ = {nq}, int NKV = {nkv}",
-        rows // 2, dtype), root)
-    run_buffers(lib, x, nw, np.array([eps], dtype=np.float32), w, bias,
-                np.array([offset], dtype=np.int32), inv_freq, q, k, v)
+        dtype), root)
+    run_kernel(lib, rows // 2, x, nw, np.array([eps], dtype=np.float32), w, bias,
+               np.array([offset], dtype=np.int32), inv_freq, q, k, v)
     heads = _rms(x, nw, eps) @ w.astype(np.float64).T + bias.astype(np.float64)
     heads = heads.reshape(batch, nq + 2 * nkv, hd)
     angle = offset * inv_freq.astype(np.float64)
