@@ -393,21 +393,25 @@ def _impl_columns(ctx: Context, bench: str) -> list[str]:
 def _across_runs(rs: ResultSet, *benchmarks: str) -> str:
     """"" where the benchmarks come from one run; else the commit of each one's run, for a
     ratio between them that crosses runs (on a GPU, runs hours apart can differ by 1.5x)."""
-    by_commit: dict[str, list[str]] = {}
-    for b in benchmarks:
-        if rs.series(b):  # one without results was measured by no run
-            by_commit.setdefault(rs.commit_of(b), []).append(f"`{b}`")
+    # one without results was measured by no run
+    by_commit = _by_commit((b, rs.commit_of(b)) for b in benchmarks if rs.series(b))
     if len(by_commit) < 2:
         return ""
     return "across runs: " + "; ".join(f"`{c[:8]}` measured {', '.join(names)}"
                                        for c, names in by_commit.items())
 
 
+def _by_commit(measured: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(benchmark, commit) pairs as the benchmarks' names in backticks by commit."""
+    by_commit: dict[str, list[str]] = {}
+    for name, commit in measured:
+        by_commit.setdefault(commit, []).append(f"`{name}`")
+    return by_commit
+
+
 def _filled_note(ctx: Context) -> list[str]:
     """The benchmarks not run at the reported commit, and the commits they come from."""
-    by_commit: dict[str, list[str]] = {}
-    for name, commit in sorted(ctx.rs.filled.items()):
-        by_commit.setdefault(commit, []).append(f"`{name}`")
+    by_commit = _by_commit(sorted(ctx.rs.filled.items()))
     return [f"**From commit `{commit[:8]}`** (not rerun at this one): {', '.join(names)}  "
             for commit, names in by_commit.items()]
 
