@@ -216,3 +216,19 @@ def test_machine_registration_records_what_asv_detects(tmp_path):
     data["box-1"]["cpu"] = "named by hand"
     (tmp_path / ".asv-machine.json").write_text(json.dumps(data))
     assert run() == {**first, "cpu": "named by hand"}
+
+
+def test_sampling_overhead_shares_one_evaluation_among_its_draws(monkeypatch):
+    """time_overhead reports the time per draw of `SHARED_DRAWS` draws evaluated together."""
+    monkeypatch.syspath_prepend(str(REPO))
+    inference = importlib.import_module("benchmarks.inference")
+    bench = inference.Sampling()
+    bench.setup("qwen_lora", "top_p", 32000)
+    sampler, draws, evaluations = bench.sampler, [], []
+    bench.sampler = lambda logprobs: draws.append(1) or sampler(logprobs)
+    evaluate = inference.mx.eval
+    monkeypatch.setattr(inference.mx, "eval", lambda *a: evaluations.append(1) or evaluate(*a))
+    before = inference.SAMPLING_CLOCK()
+    bench.time_overhead("qwen_lora", "top_p", 32000)
+    assert (len(draws), len(evaluations)) == (inference.SHARED_DRAWS, 1)
+    assert inference.SAMPLING_CLOCK() > before

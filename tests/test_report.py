@@ -114,10 +114,11 @@ def _spec() -> dict[str, tuple[list[str], list[list], str, dict[tuple, float]]]:
 
 
 def write_results(root: Path, commit: str, workload: str = "small",
-                  machine: str = "box") -> Path:
+                  machine: str = "box", extra: dict | None = None) -> Path:
     """A results directory in asv's format (version 2): benchmarks.json, machine.json and
-    one result file of `commit`, the spread 10% either side of each median."""
-    spec = _spec()
+    one result file of `commit`, the spread 10% either side of each median; `extra`:
+    benchmarks beside `_spec`'s, in its form."""
+    spec = {**_spec(), **(extra or {})}
     (root / machine).mkdir(parents=True, exist_ok=True)
     benchmarks = {"version": 2}
     results = {}
@@ -212,6 +213,32 @@ def test_targets_are_judged_from_the_numbers(report):
     # The small workload's model has the 32,000-token vocabulary: top-p 60 us / 4 ms.
     assert row(report, "Sampling Overhead")[2:4] == [
         "1.50% (worst: Top-p (p=0.9), vocabulary 32,000)", "**FAIL**"]
+
+
+def test_sampling_overhead_is_judged_on_draws_that_share_an_evaluation(tmp_path, head):
+    """With `time_overhead` measured, the verdict and the % columns take it; the draws
+    evaluated alone stay in their columns."""
+    two, strategies = ["qwen_lora", "mlx_lm"], ["greedy", "top_k", "top_p", "temperature"]
+    shared = {"inference.Sampling.time_overhead": (
+        ["implementation", "strategy", "vocabulary"], [two, strategies, [32000, 151936]],
+        "seconds", {(i, s, v): (3e-5 if s == "top_k" else 1e-5) * (v / 32000)
+                    for i in two for s in strategies for v in (32000, 151936)})}
+    write_results(tmp_path / "results", head, extra=shared)
+    out = tmp_path / "B.md"
+    assert main([*CONFIG, "--results", str(tmp_path / "results"), "--workload", "small",
+                 "-o", str(out)]) == 0
+    text = out.read_text()
+    assert row(text, "Sampling Overhead")[2:5] == [
+        "0.75% (worst: Top-k (k=50), vocabulary 32,000)", "**PASS**",
+        "`inference.Sampling.time_overhead` / `inference.ForwardPass.time_forward`"]
+    # alone at both vocabularies, shared at the model's, its share of the 4 ms forward pass
+    assert row(text, "Top-p (p=0.9)")[1:5] == ["60.0 ± 6.0", "285 ± 28", "10.0 ± 1.0", "0.25%"]
+    assert "- Shared: the time a draw adds to an evaluation it shares" in text
+
+
+def test_sampling_alone_where_no_shared_draws_were_measured(report):
+    assert "- One draw evaluated alone (`inference.Sampling.time_sample`" in report
+    assert row(report, "Top-p (p=0.9)")[1:4] == ["60.0 ± 6.0", "285 ± 28", "1.50%"]
 
 
 def test_kv_cache_formula_beside_the_measured_bytes(report):
