@@ -128,6 +128,25 @@ __device__ inline void qs_load(const T* x, int g, bool aligned, float* v) {
 }
 
 #define QS_GROUPS(V) (((V) + QS_VEC - 1) / QS_VEC)
+// A pass loads QS_UNROLL of a thread's groups before it uses any: one block per row is bound
+// by its loads' latency, not by bandwidth, so more of them in flight make a pass faster.
+#define QS_UNROLL 4
+
+// Groups g0, g0 + QS_THREADS, ... (QS_UNROLL of them) as floats; -inf past the row's end.
+template <typename T, int V>
+__device__ inline void qs_load_batch(const T* x, int g0, bool aligned,
+                                     float (*v)[QS_VEC]) {
+#pragma unroll
+  for (int u = 0; u < QS_UNROLL; ++u) {
+    int g = g0 + u * QS_THREADS;
+    if (g < QS_GROUPS(V)) {
+      qs_load<T, V>(x, g, aligned, v[u]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < QS_VEC; ++j) v[u][j] = __int_as_float(0xff800000);
+    }
+  }
+}
 
 // The weight of logit v: 2^((v - m) c) (c: log2(e) / temperature) where its key is >= kmin.
 __device__ inline float qs_weight(float v, float m, float c, unsigned kmin) {
@@ -179,21 +198,25 @@ __device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsign
     for (int j = threadIdx.x; j < 256; j += QS_THREADS) hist[j] = 0.f;
     __syncthreads();
     unsigned high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-    for (int g0 = 0; g0 < QS_GROUPS(V); g0 += QS_THREADS) {  // the same trips for all lanes
-      int g = g0 + threadIdx.x;
-      float v[QS_VEC];
-      unsigned bins[QS_VEC], pending = 0u;
-      if (g < QS_GROUPS(V)) qs_load<T, V>(x, g, aligned, v);
+    // the same trips for all lanes (qs_hist_add is a warp's)
+    for (int g0 = 0; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_THREADS) {
+      float v[QS_UNROLL][QS_VEC];
+      qs_load_batch<T, V>(x, g0 + threadIdx.x, aligned, v);
 #pragma unroll
-      for (int j = 0; j < QS_VEC; ++j) {
-        unsigned k = g < QS_GROUPS(V) ? qs_key(v[j]) : 0u;
-        bins[j] = (k >> shift) & 255u;
-        if (g * QS_VEC + j < V && k >= kmin && (k & high) == prefix) {
-          pending |= 1u << j;
-          v[j] = COUNT ? 1.f : exp2f((v[j] - m) * c);
+      for (int u = 0; u < QS_UNROLL; ++u) {
+        int g = g0 + threadIdx.x + u * QS_THREADS;
+        unsigned bins[QS_VEC], pending = 0u;
+#pragma unroll
+        for (int j = 0; j < QS_VEC; ++j) {
+          unsigned k = g < QS_GROUPS(V) ? qs_key(v[u][j]) : 0u;
+          bins[j] = (k >> shift) & 255u;
+          if (g * QS_VEC + j < V && k >= kmin && (k & high) == prefix) {
+            pending |= 1u << j;
+            v[u][j] = COUNT ? 1.f : exp2f((v[u][j] - m) * c);
+          }
         }
+        qs_hist_add(hist, pending, bins, v[u]);
       }
-      qs_hist_add(hist, pending, bins, v);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -236,14 +259,17 @@ __device__ inline float qs_sums(const T* x, bool aligned, float c, unsigned kmin
                                 float* mine, float* before, float* total) {
   const float ninf = __int_as_float(0xff800000);
   float m = ninf, s = 0.f;
-  for (int g = threadIdx.x; g < QS_GROUPS(V); g += QS_THREADS) {
-    float v[QS_VEC];
-    qs_load<T, V>(x, g, aligned, v);
+  for (int g0 = threadIdx.x; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_THREADS) {
+    float v[QS_UNROLL][QS_VEC];
+    qs_load_batch<T, V>(x, g0, aligned, v);
     float gm = ninf;
 #pragma unroll
-    for (int j = 0; j < QS_VEC; ++j) {
-      if (qs_key(v[j]) < kmin) v[j] = ninf;
-      gm = fmaxf(gm, v[j]);
+    for (int u = 0; u < QS_UNROLL; ++u) {
+#pragma unroll
+      for (int j = 0; j < QS_VEC; ++j) {
+        if (qs_key(v[u][j]) < kmin) v[u][j] = ninf;
+        gm = fmaxf(gm, v[u][j]);
+      }
     }
     if (gm == ninf) continue;
     if (gm > m) {
@@ -251,7 +277,10 @@ __device__ inline float qs_sums(const T* x, bool aligned, float c, unsigned kmin
       m = gm;
     }
 #pragma unroll
-    for (int j = 0; j < QS_VEC; ++j) s += exp2f((v[j] - m) * c);
+    for (int u = 0; u < QS_UNROLL; ++u) {
+#pragma unroll
+      for (int j = 0; j < QS_VEC; ++j) s += exp2f((v[u][j] - m) * c);
+    }
   }
   float row_max = qs_reduce(m, QsMax());
   s = m == ninf ? 0.f : s * exp2f((m - row_max) * c);
@@ -341,13 +370,16 @@ _SAMPLE = """
                                qs_uniform(seed, blockIdx.x, t) * total);
       unsigned kp = qs_key(static_cast<float>(x[pick]));
       float likelier = 0.f;
-      for (int g = threadIdx.x; g < QS_GROUPS(V); g += QS_THREADS) {
-        float v[QS_VEC];
-        qs_load<T, V>(x, g, aligned, v);
+      for (int g0 = threadIdx.x; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_THREADS) {
+        float v[QS_UNROLL][QS_VEC];
+        qs_load_batch<T, V>(x, g0, aligned, v);
 #pragma unroll
-        for (int j = 0; j < QS_VEC; ++j) {
-          unsigned k = qs_key(v[j]);
-          if (k > kp && g * QS_VEC + j < V) likelier += qs_weight(v[j], m, c, kmin);
+        for (int u = 0; u < QS_UNROLL; ++u) {
+#pragma unroll
+          for (int j = 0; j < QS_VEC; ++j) {
+            // -inf past the row's end: its key is below every other
+            if (qs_key(v[u][j]) > kp) likelier += qs_weight(v[u][j], m, c, kmin);
+          }
         }
       }
       likelier = qs_reduce(likelier, QsAdd());
