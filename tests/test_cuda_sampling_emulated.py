@@ -18,16 +18,28 @@ from test_sampling import KERNEL_CASES, expected_distribution
 from qwen_lora import cuda_sampling
 
 THREADS = 64
+# Chunks of 64 logits keeping 16 candidates (24 slots): the rows of 97 logits and more go
+# in chunks, as 151,936 do in chunks of 2,048 on a GPU; shorter rows and top-k above 16
+# take the one-kernel path.
+SIZES = dict(threads=THREADS, chunk_groups=8, candidates=16, slots=24)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def kernel_source(vocab: int, top_k: int, dtype: type = np.float32) -> str:
-    header = cuda_sampling._HEADER.replace("QS_THREADS THREADS", f"QS_THREADS {THREADS}")
+def chunked(vocab: int, top_k: int) -> bool:
+    return cuda_sampling.takes_chunks(vocab, top_k, SIZES["threads"], SIZES["chunk_groups"],
+                                      SIZES["candidates"])
+
+
+def kernel_source(vocab: int, top_k: int, dtype: type = np.float32,
+                  candidates: bool = True) -> str:
+    """The kernels and a `run` that launches them as `cuda_sampling.sample` does: in chunks
+    (two kernels) where the row takes them, else one."""
     ctype = CTYPES[dtype]
-    return f"""#include "cuda_emu.h"
-{header}
-template <typename T, int V, int TOPK, int TRIES>
+    if not chunked(vocab, top_k):
+        return f"""#include "cuda_emu.h"
+{cuda_sampling.header(**SIZES)}
+template <typename T, int V, int TOPK>
 void qs_kernel(const T* logits, const uint32_t* key, const float* params, int32_t* tokens,
                uint32_t* next_key) {{
 {cuda_sampling._SAMPLE}
@@ -36,8 +48,44 @@ void qs_kernel(const T* logits, const uint32_t* key, const float* params, int32_
 extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
                    const float* params, int32_t* tokens, uint32_t* next_key) {{
   bool ok = emu::launch(batch, {THREADS}, [&] {{
-    qs_kernel<{ctype}, {vocab}, {top_k}, {cuda_sampling.TRIES}>(
-        static_cast<const {ctype}*>(logits), key, params, tokens, next_key);
+    qs_kernel<{ctype}, {vocab}, {top_k}>(static_cast<const {ctype}*>(logits), key, params,
+                                         tokens, next_key);
+  }});
+  return ok ? 0 : 1;
+}}
+"""
+    n = cuda_sampling.chunks(vocab, SIZES["chunk_groups"])
+    flag = "true" if candidates else "false"
+    return f"""#include "cuda_emu.h"
+{cuda_sampling.header(**SIZES)}
+template <typename T, int V, bool CANDIDATES>
+void chunk_kernel(const T* logits, const float* params, float* stats, unsigned* keys,
+                  float* cand, int* cand_idx) {{
+{cuda_sampling._CHUNK}
+}}
+
+template <typename T, int V, int TOPK, bool CANDIDATES>
+void chunked_kernel(const T* logits, const uint32_t* key, const float* params,
+                    const float* stats, const unsigned* keys, const float* cand,
+                    const int* cand_idx, int32_t* tokens, uint32_t* next_key) {{
+{cuda_sampling._CHUNKED}
+}}
+
+extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
+                   const float* params, int32_t* tokens, uint32_t* next_key) {{
+  unsigned n = batch * {n};
+  std::vector<float> stats(2 * n), cand(n * {SIZES["slots"]});
+  std::vector<unsigned> keys(2 * n);
+  std::vector<int> cand_idx(n * {SIZES["slots"]});
+  const {ctype}* x = static_cast<const {ctype}*>(logits);
+  bool ok = emu::launch(n, {THREADS}, [&] {{
+    chunk_kernel<{ctype}, {vocab}, {flag}>(x, params, stats.data(), keys.data(), cand.data(),
+                                          cand_idx.data());
+  }});
+  ok = ok && emu::launch(batch, {THREADS}, [&] {{
+    chunked_kernel<{ctype}, {vocab}, {top_k}, {flag}>(x, key, params, stats.data(),
+                                                     keys.data(), cand.data(),
+                                                     cand_idx.data(), tokens, next_key);
   }});
   return ok ? 0 : 1;
 }}
@@ -48,13 +96,14 @@ extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
 def build(tmp_path_factory):
     """Compiles (once per vocabulary size and top-k) the kernel into a shared library."""
     root = tmp_path_factory.mktemp("cuda-emu")
-    libraries: dict[tuple[int, int, type], ctypes.CDLL] = {}
+    libraries: dict[tuple, ctypes.CDLL] = {}
 
-    def get(vocab: int, top_k: int, dtype: type = np.float32) -> ctypes.CDLL:
-        if (vocab, top_k, dtype) not in libraries:
-            libraries[vocab, top_k, dtype] = build_library(kernel_source(vocab, top_k, dtype),
-                                                           root)
-        return libraries[vocab, top_k, dtype]
+    def get(vocab: int, top_k: int, dtype: type = np.float32,
+            candidates: bool = True) -> ctypes.CDLL:
+        at = (vocab, top_k, dtype, candidates)
+        if at not in libraries:
+            libraries[at] = build_library(kernel_source(*at), root)
+        return libraries[at]
 
     return get
 
@@ -87,7 +136,7 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
     x = case["x"].astype(dtype)
     want = expected_distribution(x.astype(np.float32), case["temperature"], case["top_k"],
                                  case["top_p"])
-    lib = build(len(x), case["top_k"], dtype)
+    lib = build(len(x), case["top_k"], dtype, case["top_k"] > 0 or case["top_p"] < 1)
     rows, calls = 300, 3
     counts = np.zeros(len(x), dtype=np.int64)
     key = (1, 2)
@@ -102,6 +151,13 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
     got = counts / n
     sigma = np.sqrt(want * (1 - want) / n)
     assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+
+
+def test_emulated_cases_take_both_paths():
+    """Rows in chunks (two kernels) and rows in one block each, among the cases above."""
+    paths = {name: chunked(len(case["x"]), case["top_k"]) for name, case in KERNEL_CASES.items()}
+    assert paths["top-p-chunks"] and paths["top-k"] and paths["temperature"]
+    assert not paths["top-p"] and not paths["tied-k"]
 
 
 def test_emulated_kernel_rows_and_keys(build):
@@ -128,26 +184,41 @@ def test_kernel_compiles_for_an_h100(tmp_path):
     """The kernel as MLX wraps it (its `inf` macro included), for each logits type, compiled
     by nvcc for sm_90: what a GPU would compile at the first call, checked without one
     (ptxas: 40-64 registers a thread, no spills; 512-thread blocks allow 128)."""
-    header = cuda_sampling._HEADER.replace("QS_THREADS THREADS",
-                                           f"QS_THREADS {cuda_sampling.THREADS}")
     source = f"""#include <cstdint>
 #include <cooperative_groups.h>
 #include <cuda/std/limits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define inf cuda::std::numeric_limits<float>::infinity()
-{header}
-template <typename T, int V, int TOPK, int TRIES>
+{cuda_sampling.header()}
+template <typename T, int V, int TOPK>
 __global__ void qs_kernel(const T* logits, const uint32_t* key, const float* params,
                           int32_t* tokens, uint32_t* next_key) {{
 {cuda_sampling._SAMPLE}
 }}
-template __global__ void qs_kernel<float, 151936, 0, 8>(const float*, const uint32_t*,
+template <typename T, int V, bool CANDIDATES>
+__global__ void chunk_kernel(const T* logits, const float* params, float* stats,
+                             unsigned* keys, float* cand, int* cand_idx) {{
+{cuda_sampling._CHUNK}
+}}
+template <typename T, int V, int TOPK, bool CANDIDATES>
+__global__ void chunked_kernel(const T* logits, const uint32_t* key, const float* params,
+                               const float* stats, const unsigned* keys, const float* cand,
+                               const int* cand_idx, int32_t* tokens, uint32_t* next_key) {{
+{cuda_sampling._CHUNKED}
+}}
+template __global__ void qs_kernel<float, 151936, 0>(const float*, const uint32_t*,
     const float*, int32_t*, uint32_t*);
-template __global__ void qs_kernel<__half, 151936, 50, 8>(const __half*, const uint32_t*,
-    const float*, int32_t*, uint32_t*);
-template __global__ void qs_kernel<__nv_bfloat16, 1000, 0, 8>(const __nv_bfloat16*,
+template __global__ void qs_kernel<__nv_bfloat16, 1000, 0>(const __nv_bfloat16*,
     const uint32_t*, const float*, int32_t*, uint32_t*);
+template __global__ void chunk_kernel<__half, 151936, true>(const __half*, const float*,
+    float*, unsigned*, float*, int*);
+template __global__ void chunked_kernel<__half, 151936, 50, true>(const __half*,
+    const uint32_t*, const float*, const float*, const unsigned*, const float*, const int*,
+    int32_t*, uint32_t*);
+template __global__ void chunked_kernel<float, 151936, 0, false>(const float*,
+    const uint32_t*, const float*, const float*, const unsigned*, const float*, const int*,
+    int32_t*, uint32_t*);
 """
     (tmp_path / "kernel.cu").write_text(source)
     proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "--Werror",

@@ -213,7 +213,8 @@ class Sampler:
             self._params = mx.array([1.0 / self.temperature, self.top_p], dtype=mx.float32)
         if logits.dtype not in cuda_sampling.DTYPES:
             logits = logits.astype(mx.float32)
-        tokens, self._key = cuda_sampling.sample(logits, self._key, self._params, self.top_k)
+        tokens, self._key = cuda_sampling.sample(logits, self._key, self._params, self.top_k,
+                                                 nucleus=self.top_p < 1)
         return tokens
 
 
