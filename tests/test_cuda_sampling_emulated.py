@@ -18,9 +18,9 @@ from test_sampling import KERNEL_CASES, expected_distribution
 from qwen_lora import cuda_sampling
 
 THREADS = 64
-# Chunks of 64 logits keeping 16 candidates (24 slots): the rows of 97 logits and more go
-# in chunks, as 151,936 do in chunks of 2,048 on a GPU; shorter rows and top-k above 16
-# take the one-kernel path.
+# Chunks of 64 logits keeping 16 candidates (24 slots): top-k over rows of 97 logits and
+# more goes in chunks, as over 151,936 in chunks of 2,048 on a GPU; shorter rows, top-k
+# above 16 and the other strategies take the one-kernel path.
 SIZES = dict(threads=THREADS, chunk_groups=8, candidates=16, slots=24)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -31,8 +31,7 @@ def chunked(vocab: int, top_k: int) -> bool:
                                       SIZES["candidates"])
 
 
-def kernel_source(vocab: int, top_k: int, dtype: type = np.float32,
-                  candidates: bool = True) -> str:
+def kernel_source(vocab: int, top_k: int, dtype: type = np.float32) -> str:
     """The kernels and a `run` that launches them as `cuda_sampling.sample` does: in chunks
     (two kernels) where the row takes them, else one."""
     ctype = CTYPES[dtype]
@@ -55,37 +54,33 @@ extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
 }}
 """
     n = cuda_sampling.chunks(vocab, SIZES["chunk_groups"])
-    flag = "true" if candidates else "false"
     return f"""#include "cuda_emu.h"
 {cuda_sampling.header(**SIZES)}
-template <typename T, int V, bool CANDIDATES>
-void chunk_kernel(const T* logits, const float* params, float* stats, unsigned* keys,
-                  float* cand, int* cand_idx) {{
+template <typename T, int V>
+void chunk_kernel(const T* logits, unsigned* counts, float* cand, int* cand_idx) {{
 {cuda_sampling._CHUNK}
 }}
 
-template <typename T, int V, int TOPK, bool CANDIDATES>
+template <typename T, int V, int TOPK>
 void chunked_kernel(const T* logits, const uint32_t* key, const float* params,
-                    const float* stats, const unsigned* keys, const float* cand,
-                    const int* cand_idx, int32_t* tokens, uint32_t* next_key) {{
+                    const unsigned* counts, const float* cand, const int* cand_idx,
+                    int32_t* tokens, uint32_t* next_key) {{
 {cuda_sampling._CHUNKED}
 }}
 
 extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
                    const float* params, int32_t* tokens, uint32_t* next_key) {{
   unsigned n = batch * {n};
-  std::vector<float> stats(2 * n), cand(n * {SIZES["slots"]});
-  std::vector<unsigned> keys(2 * n);
+  std::vector<unsigned> counts(n);
+  std::vector<float> cand(n * {SIZES["slots"]});
   std::vector<int> cand_idx(n * {SIZES["slots"]});
   const {ctype}* x = static_cast<const {ctype}*>(logits);
   bool ok = emu::launch(n, {THREADS}, [&] {{
-    chunk_kernel<{ctype}, {vocab}, {flag}>(x, params, stats.data(), keys.data(), cand.data(),
-                                          cand_idx.data());
+    chunk_kernel<{ctype}, {vocab}>(x, counts.data(), cand.data(), cand_idx.data());
   }});
   ok = ok && emu::launch(batch, {THREADS}, [&] {{
-    chunked_kernel<{ctype}, {vocab}, {top_k}, {flag}>(x, key, params, stats.data(),
-                                                     keys.data(), cand.data(),
-                                                     cand_idx.data(), tokens, next_key);
+    chunked_kernel<{ctype}, {vocab}, {top_k}>(x, key, params, counts.data(), cand.data(),
+                                             cand_idx.data(), tokens, next_key);
   }});
   return ok ? 0 : 1;
 }}
@@ -98,9 +93,8 @@ def build(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda-emu")
     libraries: dict[tuple, ctypes.CDLL] = {}
 
-    def get(vocab: int, top_k: int, dtype: type = np.float32,
-            candidates: bool = True) -> ctypes.CDLL:
-        at = (vocab, top_k, dtype, candidates)
+    def get(vocab: int, top_k: int, dtype: type = np.float32) -> ctypes.CDLL:
+        at = (vocab, top_k, dtype)
         if at not in libraries:
             libraries[at] = build_library(kernel_source(*at), root)
         return libraries[at]
@@ -136,7 +130,7 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
     x = case["x"].astype(dtype)
     want = expected_distribution(x.astype(np.float32), case["temperature"], case["top_k"],
                                  case["top_p"])
-    lib = build(len(x), case["top_k"], dtype, case["top_k"] > 0 or case["top_p"] < 1)
+    lib = build(len(x), case["top_k"], dtype)
     rows, calls = 300, 3
     counts = np.zeros(len(x), dtype=np.int64)
     key = (1, 2)
@@ -154,10 +148,10 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
 
 
 def test_emulated_cases_take_both_paths():
-    """Rows in chunks (two kernels) and rows in one block each, among the cases above."""
+    """Top-k over rows in chunks (two kernels) and rows in one block each, among the cases."""
     paths = {name: chunked(len(case["x"]), case["top_k"]) for name, case in KERNEL_CASES.items()}
-    assert paths["top-p-chunks"] and paths["top-k"] and paths["temperature"]
-    assert not paths["top-p"] and not paths["tied-k"]
+    assert paths["top-k"] and paths["top-k-top-p"] and paths["tied-chunks"]
+    assert not paths["temperature"] and not paths["tied-k"]
 
 
 def test_emulated_kernel_rows_and_keys(build):
@@ -196,14 +190,13 @@ __global__ void qs_kernel(const T* logits, const uint32_t* key, const float* par
                           int32_t* tokens, uint32_t* next_key) {{
 {cuda_sampling._SAMPLE}
 }}
-template <typename T, int V, bool CANDIDATES>
-__global__ void chunk_kernel(const T* logits, const float* params, float* stats,
-                             unsigned* keys, float* cand, int* cand_idx) {{
+template <typename T, int V>
+__global__ void chunk_kernel(const T* logits, unsigned* counts, float* cand, int* cand_idx) {{
 {cuda_sampling._CHUNK}
 }}
-template <typename T, int V, int TOPK, bool CANDIDATES>
+template <typename T, int V, int TOPK>
 __global__ void chunked_kernel(const T* logits, const uint32_t* key, const float* params,
-                               const float* stats, const unsigned* keys, const float* cand,
+                               const unsigned* counts, const float* cand,
                                const int* cand_idx, int32_t* tokens, uint32_t* next_key) {{
 {cuda_sampling._CHUNKED}
 }}
@@ -211,14 +204,9 @@ template __global__ void qs_kernel<float, 151936, 0>(const float*, const uint32_
     const float*, int32_t*, uint32_t*);
 template __global__ void qs_kernel<__nv_bfloat16, 1000, 0>(const __nv_bfloat16*,
     const uint32_t*, const float*, int32_t*, uint32_t*);
-template __global__ void chunk_kernel<__half, 151936, true>(const __half*, const float*,
-    float*, unsigned*, float*, int*);
-template __global__ void chunked_kernel<__half, 151936, 50, true>(const __half*,
-    const uint32_t*, const float*, const float*, const unsigned*, const float*, const int*,
-    int32_t*, uint32_t*);
-template __global__ void chunked_kernel<float, 151936, 0, false>(const float*,
-    const uint32_t*, const float*, const float*, const unsigned*, const float*, const int*,
-    int32_t*, uint32_t*);
+template __global__ void chunk_kernel<__half, 151936>(const __half*, unsigned*, float*, int*);
+template __global__ void chunked_kernel<__half, 151936, 50>(const __half*, const uint32_t*,
+    const float*, const unsigned*, const float*, const int*, int32_t*, uint32_t*);
 """
     (tmp_path / "kernel.cu").write_text(source)
     proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "--Werror",

@@ -239,11 +239,8 @@ KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CP
                        top_p=1.0),
     "tiny-p": dict(x=np.array([0.2, 0.9, 0.1, 0.9]), temperature=1.0, top_k=0,
                    top_p=1e-45),  # rounds to 0: the most likely (tied) tokens only
-    # rows in chunks (tests/test_cuda_sampling_emulated.py's chunks of 64 logits): top-p's
-    # test of a draw from the chunks' candidates
-    "top-p-chunks": dict(x=np.random.default_rng(7).normal(size=1000) * 3, temperature=1.0,
-                         top_k=0, top_p=0.9),
-    # a chunk's ties outnumber its slots: the whole row decides
+    # top-k over a row in chunks (tests/test_cuda_sampling_emulated.py's chunks of 64
+    # logits) where a chunk's ties outnumber its slots: the whole row decides
     "tied-chunks": dict(x=np.where(np.arange(256) % 50 == 0, 1.0, 0.0), temperature=1.0,
                         top_k=3, top_p=0.8),
 }

@@ -1,4 +1,4 @@
-"""Temperature, top-k and top-p sampling in one CUDA kernel, for MLX's CUDA backend.
+"""Temperature, top-k and top-p sampling in CUDA kernels of our own, for MLX's CUDA backend.
 
 MLX's top-p sorts the vocabulary (151,936 logits) and runs a dozen operations around the
 sort: ~0.46 ms a token on an H100, 17% of a decoding forward pass, where each evaluated
@@ -22,16 +22,12 @@ implementations. Random numbers come from a counter-based hash of the sampler's 
 draw; the kernel also returns the next key, so a call is one or two kernels and nothing
 else.
 
-A long row (more than one chunk of `CHUNK_GROUPS` groups: 2,048 logits) goes in two
-kernels instead, so that its passes spread over the GPU rather than one block's SM:
-
-- one block a chunk: its maximum and sum of weights, and (for top-k or top-p) its
-  `CANDIDATES` largest logits with their ties, by a bitonic sort in shared memory;
-- one block a row: top-k (k <= `CANDIDATES`) runs the steps above over the candidates,
-  which hold every token of the top k; otherwise a draw picks a chunk by the chunks' sums,
-  then the token inside it, and top-p's test of it sums the candidates where every likelier
-  token is among them (a peaked distribution), else the row. A chunk whose ties outnumber
-  its `SLOTS` sends the row back to the steps above.
+Top-k over a long row (more than one chunk of `CHUNK_GROUPS` groups: 2,048 logits; k up to
+`CANDIDATES`) goes in two kernels instead, so that its selection spreads over the GPU rather
+than one block's four passes over the row: one block a chunk keeps the chunk's `CANDIDATES`
+largest logits and their ties (a bitonic sort in shared memory), then one block a row runs
+the steps above over the kept ones, which hold every token of the top k. A chunk whose ties
+outnumber its `SLOTS` sends the row back to the steps above.
 
 `Sampler`'s default on MLX's CUDA backend (`backend="cuda"`). Also tested without a GPU by
 tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads).
@@ -47,7 +43,7 @@ from qwen_lora.cuda_decode import VECTOR_LOADS, hashed_kernel
 
 THREADS = 512  # per block: one block per row
 TRIES = 8  # rejection draws of top-p before the exact selection
-CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits), one block each
+CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits), for top-k
 CANDIDATES = 64  # the largest logits a chunk keeps: top-k up to this k reads only them
 SLOTS = 128  # room a chunk has for them and the ties of the last
 
@@ -429,72 +425,29 @@ __device__ inline unsigned long long qs_seed(const uint32_t* key, uint32_t* next
   return seed;
 }
 
-// ---- Two kernels a call for long rows: chunks of QS_CHUNK_GROUPS groups, one block each,
-// then one block a row that reads what the chunks found.
+// ---- Top-k over a long row in two kernels: chunks of QS_CHUNK_GROUPS groups, one block
+// each, then one block a row over what the chunks kept.
 #define QS_CHUNK (QS_CHUNK_GROUPS * QS_VEC)  // elements a chunk (a power of two)
 #define QS_CHUNKS(V) ((QS_GROUPS(V) + QS_CHUNK_GROUPS - 1) / QS_CHUNK_GROUPS)
 
-// The unsigned maximum of v over the block.
-__device__ inline unsigned qs_reduce_max_key(unsigned v) {
-  __shared__ unsigned part[QS_WARPS];
-  __shared__ unsigned result;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    unsigned n = __shfl_xor_sync(QS_FULL, v, o);
-    v = n > v ? n : v;
-  }
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned r = part[0];
-    for (int w = 1; w < QS_WARPS; ++w) r = part[w] > r ? part[w] : r;
-    result = r;
-  }
-  __syncthreads();
-  unsigned r = result;
-  __syncthreads();
-  return r;
-}
-
-// One chunk of a row (block b of the row: chunk b): its maximum and sum of weights relative
-// to it (stats), and with CANDIDATES its QS_CANDIDATES largest logits with every one tied
-// with the last (cand, their indices in cand_idx, -inf and -1 in the slots left): the key
-// at or above which all of them are, and their count, in keys (a count above QS_SLOTS: too
-// many ties to keep; the key 0 where every element of the chunk is kept).
-template <typename T, int V, bool CANDIDATES>
-__device__ void qs_chunk(const T* logits, float c, float* stats, unsigned* keys, float* cand,
-                         int* cand_idx) {
+// One chunk of a row (block b of the row: chunk b): its QS_CANDIDATES largest logits and
+// every one tied with the last, in cand (their indices in cand_idx; -inf and -1 in the
+// slots left), and their count in counts (above QS_SLOTS: too many ties to keep, and the
+// slots stay empty). A bitonic sort of (key, position) pairs in shared memory.
+template <typename T, int V>
+__device__ void qs_chunk(const T* logits, unsigned* counts, float* cand, int* cand_idx) {
   const int chunks = QS_CHUNKS(V);
   const int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const T* x = logits + static_cast<size_t>(row) * V;
   const int first = chunk * QS_CHUNK;  // the chunk's first element
   const int real = V - first < QS_CHUNK ? V - first : QS_CHUNK;
-  const float ninf = __int_as_float(0xff800000);
-  float m = ninf, s = 0.f;
-  for (int i = threadIdx.x; i < real; i += QS_THREADS) {
-    float v = static_cast<float>(x[first + i]);
-    if (v > m) {
-      s = m == ninf ? 0.f : s * exp2f((m - v) * c);
-      m = v;
-    }
-    s += v == ninf ? 0.f : exp2f((v - m) * c);
-  }
-  float chunk_max = qs_reduce(m, QsMax());
-  s = qs_reduce(m == ninf ? 0.f : s * exp2f((m - chunk_max) * c), QsAdd());
-  const int out = row * chunks + chunk;
-  if (threadIdx.x == 0) {
-    stats[2 * out] = chunk_max;
-    stats[2 * out + 1] = s;
-  }
-  if (!CANDIDATES) return;
-  // (key, position) pairs sorted in descending order: a bitonic sort in shared memory
   __shared__ unsigned long long pairs[QS_CHUNK];
   for (int i = threadIdx.x; i < QS_CHUNK; i += QS_THREADS) {
     unsigned k = i < real ? qs_key(static_cast<float>(x[first + i])) : 0u;
     pairs[i] = (static_cast<unsigned long long>(k) << 32) | static_cast<unsigned>(i);
   }
   __syncthreads();
-  for (int size = 2; size <= QS_CHUNK; size <<= 1) {
+  for (int size = 2; size <= QS_CHUNK; size <<= 1) {  // descending order
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
       for (int i = threadIdx.x; i < QS_CHUNK; i += QS_THREADS) {
         int j = i ^ stride;
@@ -517,115 +470,32 @@ __device__ void qs_chunk(const T* logits, float c, float* stats, unsigned* keys,
     kept += static_cast<unsigned>(pairs[i] >> 32) >= least ? 1.f : 0.f;
   }
   int count = static_cast<int>(qs_reduce(kept, QsAdd()));
-  if (threadIdx.x == 0) {
-    keys[2 * out] = least;
-    keys[2 * out + 1] = static_cast<unsigned>(count);
-  }
+  const int out = row * chunks + chunk;
+  if (threadIdx.x == 0) counts[out] = static_cast<unsigned>(count);
   for (int i = threadIdx.x; i < QS_SLOTS; i += QS_THREADS) {
     bool keep = i < count && count <= QS_SLOTS;
     int at = first + static_cast<int>(pairs[i] & 0xffffffffu);
-    cand[out * QS_SLOTS + i] = keep ? static_cast<float>(x[at]) : ninf;
+    cand[out * QS_SLOTS + i] = keep ? static_cast<float>(x[at]) : __int_as_float(0xff800000);
     cand_idx[out * QS_SLOTS + i] = keep ? at : -1;
   }
 }
 
-// A token of the row whose chunks qs_chunk described (the block's row), drawn by the block.
-// Top-k (TOPK <= QS_CANDIDATES) samples the chunks' candidates, which hold every token of
-// the top k (and its ties); without top-k, a draw is a chunk by the chunks' sums, then a
-// token inside it. Top-p's test of a draw (the weight of the likelier tokens) reads the
-// candidates where every likelier token is one of them, else the row.
-template <typename T, int V, int TOPK, bool CANDIDATES>
+// A token of the row whose chunks qs_chunk kept candidates of (the block's row), drawn by
+// the block with qs_sample_row over the candidates, which hold every token of the top k
+// (TOPK <= QS_CANDIDATES) and its ties; over the row where a chunk had too many ties.
+template <typename T, int V, int TOPK>
 __device__ int qs_chunked_row(const T* x, float c, float top_p, unsigned long long seed,
-                              const float* stats, const unsigned* keys, const float* cand,
-                              const int* cand_idx) {
+                              const unsigned* counts, const float* cand, const int* cand_idx) {
   const int chunks = QS_CHUNKS(V);
   const int base = blockIdx.x * chunks;
-  const float ninf = __int_as_float(0xff800000);
-  unsigned least = 0u;
   float overflow = 0.f;
-  if (CANDIDATES && threadIdx.x < chunks) {
-    least = keys[2 * (base + threadIdx.x)];
-    overflow = keys[2 * (base + threadIdx.x) + 1] > QS_SLOTS ? 1.f : 0.f;
+  for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
+    overflow = fmaxf(overflow, counts[base + i] > QS_SLOTS ? 1.f : 0.f);
   }
-  bool complete = CANDIDATES && qs_reduce(overflow, QsMax()) == 0.f;
-  if (TOPK > 0) {
-    if (!complete) return qs_sample_row<T, V, TOPK>(x, c, top_p, seed);
-    const float* row = cand + static_cast<size_t>(base) * QS_SLOTS;
-    int slot = qs_sample_row<float, QS_CHUNKS(V) * QS_SLOTS, TOPK>(row, c, top_p, seed);
-    return cand_idx[base * QS_SLOTS + slot];
-  }
-  unsigned above = CANDIDATES ? qs_reduce_max_key(least) : 0u;  // every key past it: kept
-  float cm = threadIdx.x < chunks ? stats[2 * (base + threadIdx.x)] : ninf;
-  float m = qs_reduce(cm, QsMax());
-  float mine = threadIdx.x < chunks && cm != ninf
-                   ? stats[2 * (base + threadIdx.x) + 1] * exp2f((cm - m) * c) : 0.f;
-  float total;
-  float before = qs_exclusive_scan(mine, &total);
-  bool aligned = ql_aligned(x);
-  __shared__ int picked;
-  const int tries = top_p >= 1.f ? 1 : QS_TRIES;
-  for (int t = 0; t < tries; ++t) {
-    float target = qs_uniform(seed, blockIdx.x, t) * total;
-    // the chunk whose range of the running sum holds target, then the token inside it
-    float owner_f = qs_reduce(mine > 0.f && before <= target
-                                  ? static_cast<float>(threadIdx.x) : -1.f, QsMax());
-    if (owner_f < 0.f) return 0;  // no positive weight (NaN logits): a valid index all the same
-    int owner = static_cast<int>(owner_f);
-    __shared__ float owner_before;
-    if (threadIdx.x == owner) owner_before = before;
-    __syncthreads();
-    float rest = target - owner_before;
-    // each thread sums its share of the chunk's groups, in order
-    const int first = owner * QS_CHUNK;
-    const int per = (QS_CHUNK_GROUPS + QS_THREADS - 1) / QS_THREADS;
-    float w = 0.f;
-    for (int q = 0; q < per; ++q) {
-      int g = first / QS_VEC + threadIdx.x * per + q;
-      if (threadIdx.x * per + q < QS_CHUNK_GROUPS && g < QS_GROUPS(V)) {
-        float v[QS_VEC];
-        qs_load<T, V>(x, g, aligned, v);
-#pragma unroll
-        for (int j = 0; j < QS_VEC; ++j) w += exp2f((v[j] - m) * c);
-      }
-    }
-    float part_total;
-    float part_before = qs_exclusive_scan(w, &part_total);
-    int last_owner = static_cast<int>(qs_reduce(
-        w > 0.f && part_before <= rest ? static_cast<float>(threadIdx.x) : -1.f, QsMax()));
-    if (threadIdx.x == (last_owner < 0 ? 0 : last_owner)) {
-      float run = part_before;
-      int token = -1;
-      for (int q = 0; q < per && token < 0; ++q) {
-        int g = first / QS_VEC + threadIdx.x * per + q;
-        if (threadIdx.x * per + q >= QS_CHUNK_GROUPS || g >= QS_GROUPS(V)) break;
-        float v[QS_VEC];
-        qs_load<T, V>(x, g, aligned, v);
-        for (int j = 0; j < QS_VEC; ++j) {
-          float wj = exp2f((v[j] - m) * c);
-          if (wj > 0.f) {
-            token = g * QS_VEC + j;  // the last positive weight, if rounding keeps run short
-            run += wj;
-            if (run > rest) break;
-          }
-        }
-      }
-      picked = token;
-    }
-    __syncthreads();
-    int pick = picked < 0 ? 0 : picked;
-    __syncthreads();
-    if (top_p >= 1.f) return pick;
-    unsigned kp = qs_key(static_cast<float>(x[pick]));
-    float likelier;
-    if (complete && kp >= above) {  // every likelier token is a candidate
-      const float* row = cand + static_cast<size_t>(base) * QS_SLOTS;
-      likelier = qs_likelier<float, QS_CHUNKS(V) * QS_SLOTS>(row, ql_aligned(row), m, c, 0u, kp);
-    } else {
-      likelier = qs_likelier<T, V>(x, aligned, m, c, 0u, kp);
-    }
-    if (likelier < top_p * total || likelier == 0.f) return pick;
-  }
-  return qs_nucleus_pick<T, V>(x, aligned, m, c, 0u, top_p, total, seed);
+  if (qs_reduce(overflow, QsMax()) > 0.f) return qs_sample_row<T, V, TOPK>(x, c, top_p, seed);
+  const float* row = cand + static_cast<size_t>(base) * QS_SLOTS;
+  int slot = qs_sample_row<float, QS_CHUNKS(V) * QS_SLOTS, TOPK>(row, c, top_p, seed);
+  return cand_idx[base * QS_SLOTS + slot];
 }
 """
 
@@ -637,19 +507,18 @@ _SAMPLE = """
   if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 """
 
-# stats (B * chunks, 2), keys (B * chunks, 2), cand and cand_idx (B * chunks, SLOTS) from
-# logits (B, V) and params; one block a chunk.
+# counts (B * chunks,), cand and cand_idx (B * chunks, SLOTS) from logits (B, V); one
+# block a chunk.
 _CHUNK = """
-  qs_chunk<T, V, CANDIDATES>(logits, params[0] * 1.4426950408889634f, stats, keys, cand,
-                             cand_idx);
+  qs_chunk<T, V>(logits, counts, cand, cand_idx);
 """
 
 # token (B,) and next_key from logits (B, V), key, params and _CHUNK's outputs.
 _CHUNKED = """
   unsigned long long seed = qs_seed(key, next_key);
   const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
-  int token = qs_chunked_row<T, V, TOPK, CANDIDATES>(
-      x, params[0] * 1.4426950408889634f, params[1], seed, stats, keys, cand, cand_idx);
+  int token = qs_chunked_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed,
+                                         counts, cand, cand_idx);
   if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 """
 
@@ -672,11 +541,11 @@ def _kernels() -> dict[str, object]:
     return {
         "sample": hashed_kernel("sample", ["logits", "key", "params"], ["tokens", "next_key"],
                                 _SAMPLE, source),
-        "chunk": hashed_kernel("sample_chunk", ["logits", "params"],
-                               ["stats", "keys", "cand", "cand_idx"], _CHUNK, source),
+        "chunk": hashed_kernel("sample_chunk", ["logits"], ["counts", "cand", "cand_idx"],
+                               _CHUNK, source),
         "chunked": hashed_kernel("sample_chunked",
-                                 ["logits", "key", "params", "stats", "keys", "cand",
-                                  "cand_idx"], ["tokens", "next_key"], _CHUNKED, source),
+                                 ["logits", "key", "params", "counts", "cand", "cand_idx"],
+                                 ["tokens", "next_key"], _CHUNKED, source),
     }
 
 
@@ -688,16 +557,17 @@ def chunks(vocab: int, chunk_groups: int = CHUNK_GROUPS) -> int:
 
 def takes_chunks(vocab: int, top_k: int, threads: int = THREADS,
                  chunk_groups: int = CHUNK_GROUPS, candidates: int = CANDIDATES) -> bool:
-    """Whether a row goes in chunks (two kernels): more than one chunk, no more than a
-    block has threads, and top-k (if on) within the candidates a chunk keeps."""
-    return 2 <= chunks(vocab, chunk_groups) <= threads and top_k <= candidates
+    """Whether top-k over a row goes in chunks (two kernels): the row longer than one
+    chunk and k within the candidates a chunk keeps. Temperature and top-p alone stay in
+    one kernel: a second launch cost an H100 more than the chunks saved (temperature at
+    151,936 logits: 27-41 us a draw in one kernel, 41-52 in two)."""
+    return 0 < top_k <= candidates and chunks(vocab, chunk_groups) >= 2
 
 
-def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0,
-           nucleus: bool = True) -> tuple[mx.array, mx.array]:
+def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0
+           ) -> tuple[mx.array, mx.array]:
     """(tokens (batch,) int32, next key) for logits (batch, vocab); `params` holds
-    [1 / temperature, top_p] in float32, `key` is an MLX random key (2 uint32 values);
-    `nucleus`: whether top_p may be below 1 (the chunks then keep their candidates)."""
+    [1 / temperature, top_p] in float32, `key` is an MLX random key (2 uint32 values)."""
     if logits.ndim != 2 or logits.dtype not in DTYPES:
         raise ValueError(f"expected float logits of shape (batch, vocab), got "
                          f"{logits.dtype} {tuple(logits.shape)}")
@@ -714,17 +584,13 @@ def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0,
             grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
     n = batch * chunks(vocab)
-    candidates = top_k > 0 or nucleus
-    slots = n * SLOTS if candidates else 1
     parts = kernels["chunk"](
-        inputs=[logits, params],
-        template=[("T", logits.dtype), ("V", vocab), ("CANDIDATES", candidates)],
+        inputs=[logits], template=[("T", logits.dtype), ("V", vocab)],
         grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(2 * n,), (2 * n,), (slots,), (slots,)],
-        output_dtypes=[mx.float32, mx.uint32, mx.float32, mx.int32])
+        output_shapes=[(n,), (n * SLOTS,), (n * SLOTS,)],
+        output_dtypes=[mx.uint32, mx.float32, mx.int32])
     return tuple(kernels["chunked"](
         inputs=[logits, key, params, *parts],
-        template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k),
-                  ("CANDIDATES", candidates)],
+        template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
         grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))

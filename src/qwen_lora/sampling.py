@@ -213,8 +213,7 @@ class Sampler:
             self._params = mx.array([1.0 / self.temperature, self.top_p], dtype=mx.float32)
         if logits.dtype not in cuda_sampling.DTYPES:
             logits = logits.astype(mx.float32)
-        tokens, self._key = cuda_sampling.sample(logits, self._key, self._params, self.top_k,
-                                                 nucleus=self.top_p < 1)
+        tokens, self._key = cuda_sampling.sample(logits, self._key, self._params, self.top_k)
         return tokens
 
 
