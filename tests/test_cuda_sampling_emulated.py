@@ -18,8 +18,8 @@ from test_sampling import KERNEL_CASES, expected_distribution
 from qwen_lora import cuda_sampling
 
 THREADS = 64
-# Chunks of 64 logits keeping 16 candidates (24 slots): top-k over rows of 97 logits and
-# more goes in chunks, as over 151,936 in chunks of 2,048 on a GPU; shorter rows, top-k
+# Chunks of 64 logits keeping 16 candidates (24 slots): top-k over rows of more than 64
+# logits goes in chunks, as over 151,936 in chunks of 2,048 on a GPU; shorter rows, top-k
 # above 16 and the other strategies take the one-kernel path.
 SIZES = dict(threads=THREADS, chunk_groups=8, candidates=16, slots=24)
 
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 def chunked(vocab: int, top_k: int) -> bool:
-    return cuda_sampling.takes_chunks(vocab, top_k, SIZES["threads"], SIZES["chunk_groups"],
-                                      SIZES["candidates"])
+    return cuda_sampling.takes_chunks(vocab, top_k, SIZES["chunk_groups"], SIZES["candidates"])
 
 
 def kernel_source(vocab: int, top_k: int, dtype: type = np.float32) -> str:
@@ -151,6 +150,7 @@ def test_emulated_cases_take_both_paths():
     """Top-k over rows in chunks (two kernels) and rows in one block each, among the cases."""
     paths = {name: chunked(len(case["x"]), case["top_k"]) for name, case in KERNEL_CASES.items()}
     assert paths["top-k"] and paths["top-k-top-p"] and paths["tied-chunks"]
+    assert paths["k-at-candidates"] and paths["masked-chunks"]
     assert not paths["temperature"] and not paths["tied-k"]
 
 

@@ -240,7 +240,14 @@ KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CP
     "tiny-p": dict(x=np.array([0.2, 0.9, 0.1, 0.9]), temperature=1.0, top_k=0,
                    top_p=1e-45),  # rounds to 0: the most likely (tied) tokens only
     # top-k over a row in chunks (tests/test_cuda_sampling_emulated.py's chunks of 64
-    # logits) where a chunk's ties outnumber its slots: the whole row decides
+    # logits keeping 16): k at the candidates a chunk keeps, a last chunk of 8 logits
+    "k-at-candidates": dict(x=np.random.default_rng(8).normal(size=200), temperature=1.0,
+                            top_k=16, top_p=1.0),
+    # masked tokens (-inf) in every chunk, each with more finite logits than candidates
+    "masked-chunks": dict(x=np.where(np.arange(320) % 3 == 0,
+                                     np.random.default_rng(9).normal(size=320), -np.inf),
+                          temperature=1.0, top_k=12, top_p=0.9),
+    # a chunk's ties outnumber its slots: the whole row decides
     "tied-chunks": dict(x=np.where(np.arange(256) % 50 == 0, 1.0, 0.0), temperature=1.0,
                         top_k=3, top_p=0.8),
 }

@@ -41,8 +41,9 @@ import mlx.core as mx
 
 from qwen_lora.cuda_decode import VECTOR_LOADS, hashed_kernel
 
-THREADS = 512  # per block: one block per row
+THREADS = 512  # per block: one block a row (or a chunk of one)
 TRIES = 8  # rejection draws of top-p before the exact selection
+GROUP = 8  # logits a thread reads at once (QS_VEC)
 CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits), for top-k
 CANDIDATES = 64  # the largest logits a chunk keeps: top-k up to this k reads only them
 SLOTS = 128  # room a chunk has for them and the ties of the last
@@ -443,8 +444,11 @@ __device__ void qs_chunk(const T* logits, unsigned* counts, float* cand, int* ca
   const int real = V - first < QS_CHUNK ? V - first : QS_CHUNK;
   __shared__ unsigned long long pairs[QS_CHUNK];
   for (int i = threadIdx.x; i < QS_CHUNK; i += QS_THREADS) {
-    unsigned k = i < real ? qs_key(static_cast<float>(x[first + i])) : 0u;
-    pairs[i] = (static_cast<unsigned long long>(k) << 32) | static_cast<unsigned>(i);
+    // past the row's end: (0, 0), last in the order, and a position inside the row whatever
+    // is kept (the key 0 is also a NaN's)
+    pairs[i] = i < real ? (static_cast<unsigned long long>(qs_key(static_cast<float>(
+                              x[first + i]))) << 32) | static_cast<unsigned>(i)
+                        : 0ull;
   }
   __syncthreads();
   for (int size = 2; size <= QS_CHUNK; size <<= 1) {  // descending order
@@ -551,12 +555,12 @@ def _kernels() -> dict[str, object]:
 
 def chunks(vocab: int, chunk_groups: int = CHUNK_GROUPS) -> int:
     """Chunks of a row of `vocab` logits."""
-    groups = -(-vocab // 8)
+    groups = -(-vocab // GROUP)
     return -(-groups // chunk_groups)
 
 
-def takes_chunks(vocab: int, top_k: int, threads: int = THREADS,
-                 chunk_groups: int = CHUNK_GROUPS, candidates: int = CANDIDATES) -> bool:
+def takes_chunks(vocab: int, top_k: int, chunk_groups: int = CHUNK_GROUPS,
+                 candidates: int = CANDIDATES) -> bool:
     """Whether top-k over a row goes in chunks (two kernels): the row longer than one
     chunk and k within the candidates a chunk keeps. Temperature and top-p alone stay in
     one kernel: a second launch cost an H100 more than the chunks saved (temperature at

@@ -636,8 +636,8 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
     fwd_text = ", ".join(f"{NAMES[i]} {fmt_time(forward[i])} ms" for i in forward)
     runs = _across_runs(ctx.rs, sampling, "inference.ForwardPass.time_forward")
     shared_text = (
-        f"- Shared: the time a draw adds to an evaluation it shares (`{SAMPLE_SHARED}`: 16 "
-        "draws evaluated together), as a decoding step's draw shares the step's one "
+        f"- Shared: the time a draw adds to an evaluation it shares (`{SAMPLE_SHARED}`: "
+        "draws evaluated together, per draw), as a decoding step's draw shares the step's one "
         "evaluation; the (μs) columns evaluate each draw alone, which on a GPU adds the "
         "evaluation's own synchronization (tens of microseconds) that a step pays once, "
         "sampling or not" if shared else
