@@ -51,6 +51,7 @@ GROUP = 8  # logits a thread reads at once (QS_VEC)
 CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits)
 CANDIDATES = 64  # the largest logits a chunk keeps: top-k up to this k reads only them
 SLOTS = 128  # room a chunk has for them and the ties of the last
+BINS = 256  # a chunk's bins of weight (QS_BINS), for top-p
 
 _HEADER = VECTOR_LOADS + """
 #define QS_THREADS THREADS
@@ -58,6 +59,8 @@ _HEADER = VECTOR_LOADS + """
 #define QS_CHUNK_GROUPS CHUNK_GROUPS
 #define QS_CANDIDATES CANDIDATES
 #define QS_SLOTS SLOTS
+#define QS_BINS 256  // a chunk's bins of weight, for top-p (qs_bin)
+#define QS_BIN_SCALE 8.f  // bins an octave
 #define QS_WARPS (QS_THREADS / 32)
 #define QS_VEC 8  // a thread's elements come in groups of 8 (ql_load8): 16-byte loads
 #define QS_FULL 0xffffffffu
@@ -445,8 +448,9 @@ __device__ inline unsigned long long qs_seed(const uint32_t* key, uint32_t* next
 #define QS_CHUNK (QS_CHUNK_GROUPS * QS_VEC)  // elements a chunk (a power of two)
 #define QS_CHUNKS(V) ((QS_GROUPS(V) + QS_CHUNK_GROUPS - 1) / QS_CHUNK_GROUPS)
 // A row's scratch, in 4-byte words: its counter (and 3 of padding, for 16-byte loads of what
-// follows), a QsChunk a chunk, then the chunks' slots of candidates and of their indices.
-#define QS_ROW_WORDS(V) (4 + 4 * QS_CHUNKS(V) + 2 * QS_SLOTS * QS_CHUNKS(V))
+// follows), a QsChunk a chunk, then the chunks' slots of candidates and of their indices,
+// then their bins of weight.
+#define QS_ROW_WORDS(V) (4 + (4 + 2 * QS_SLOTS + QS_BINS) * QS_CHUNKS(V))
 
 struct QsChunk {
   unsigned count;  // candidates kept (above QS_SLOTS: too many ties, none kept)
@@ -507,9 +511,17 @@ __device__ void qs_candidates(const T* x, int chunk, QsChunk* info, float* cand,
   }
 }
 
-// The largest logit of chunk `chunk` of row x and its weights relative to it, in info.
+// Bin of logit x in a chunk whose largest logit is mb: eighths of an octave of weight below
+// mb's, the last bin holding everything further down. A logit above mb: -1.
+__device__ inline int qs_bin(float mb, float x, float c) {
+  float d = floorf((mb - x) * c * QS_BIN_SCALE);
+  return d < static_cast<float>(QS_BINS) ? static_cast<int>(d) : QS_BINS - 1;
+}
+
+// The largest logit of chunk `chunk` of row x and its weights relative to it, in info; with
+// hist, also those weights by qs_bin (QS_BINS floats), for top-p's test of a drawn token.
 template <typename T, int V>
-__device__ void qs_chunk_sum(const T* x, int chunk, float c, QsChunk* info) {
+__device__ void qs_chunk_sum(const T* x, int chunk, float c, QsChunk* info, float* hist) {
   static_assert(QS_CHUNK_GROUPS <= QS_THREADS, "a thread reads one group of a chunk");
   const float ninf = __int_as_float(0xff800000);
   const int g = chunk * QS_CHUNK_GROUPS + threadIdx.x;
@@ -523,69 +535,42 @@ __device__ void qs_chunk_sum(const T* x, int chunk, float c, QsChunk* info) {
 #pragma unroll
   for (int j = 0; j < QS_VEC; ++j) m = fmaxf(m, v[j]);
   m = qs_reduce(m, QsMax());
-  if (m != ninf) {
+  float w[QS_VEC];
 #pragma unroll
-    for (int j = 0; j < QS_VEC; ++j) s += exp2f((v[j] - m) * c);
+  for (int j = 0; j < QS_VEC; ++j) {
+    w[j] = m != ninf ? exp2f((v[j] - m) * c) : 0.f;
+    s += w[j];
   }
   s = qs_reduce(s, QsAdd());
   if (threadIdx.x == 0) {
     info->max = m;
     info->sum = s;
   }
+  if (hist == nullptr) return;
+  __shared__ float bins_w[QS_BINS];
+  for (int j = threadIdx.x; j < QS_BINS; j += QS_THREADS) bins_w[j] = 0.f;
+  __syncthreads();
+  unsigned bins[QS_VEC], pending = 0u;
+#pragma unroll
+  for (int j = 0; j < QS_VEC; ++j) {
+    bins[j] = w[j] > 0.f ? static_cast<unsigned>(qs_bin(m, v[j], c)) : 0u;
+    if (w[j] > 0.f) pending |= 1u << j;
+  }
+  qs_hist_add(bins_w, pending, bins, w);
+  __syncthreads();
+  for (int j = threadIdx.x; j < QS_BINS; j += QS_THREADS) hist[j] = bins_w[j];
 }
 
-// A token of row x drawn from its chunks' summaries by one block: from the candidates where
-// they hold every token the draw can take (the top k; the nucleus where the candidates'
-// weight above the least key any chunk left out reaches top_p of the row's), else a chunk
-// in proportion to its weight and a token of it; the whole row where a chunk kept no
-// candidates (too many ties).
-template <typename T, int V, int TOPK>
-__device__ int qs_draw_from_chunks(const T* x, int row, float c, float top_p,
-                                   unsigned long long seed, const QsChunk* info,
-                                   const float* cand, const int* cand_idx) {
-  const int chunks = QS_CHUNKS(V);
-  constexpr int CAND = QS_CHUNKS(V) * QS_SLOTS;
+// A token of row x drawn from the whole row by the block (try t): a chunk in proportion to
+// its weight (`mine`, `before` and `total`: this thread's chunks lo..hi, relative to the row's
+// maximum m; the last positive one if rounding passes them all), then a token of the chunk.
+template <typename T, int V>
+__device__ int qs_chunk_draw(const T* x, int row, float c, const QsChunk* info, float m,
+                             float mine, float before, float total, int lo, int hi,
+                             unsigned long long seed, int t) {
   const float ninf = __int_as_float(0xff800000);
   __shared__ int chosen;
-  bool candidates = TOPK > 0 || top_p < 1.f;
-  float overflow = 0.f, m = ninf;
-  unsigned bound = 0u;
-  for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
-    overflow = fmaxf(overflow, info[i].count > QS_SLOTS ? 1.f : 0.f);
-    m = fmaxf(m, info[i].max);
-    bound = info[i].least > bound ? info[i].least : bound;
-  }
-  if (candidates && qs_reduce(overflow, QsMax()) > 0.f) {
-    return qs_sample_row<T, V, TOPK>(x, row, c, top_p, seed);
-  }
-  if (TOPK > 0) {
-    int slot = qs_sample_row<float, CAND, TOPK>(cand, row, c, top_p, seed);
-    return cand_idx[slot] < 0 ? 0 : cand_idx[slot];
-  }
-  m = qs_reduce(m, QsMax());
-  // thread t's chunks: a contiguous run, so that thread order is the row's order
-  constexpr int per = (QS_CHUNKS(V) + QS_THREADS - 1) / QS_THREADS;
-  const int lo = threadIdx.x * per, hi = lo + per < chunks ? lo + per : chunks;
-  float mine = 0.f;
-  for (int i = lo; i < hi; ++i) {
-    if (info[i].max != ninf) mine += info[i].sum * exp2f((info[i].max - m) * c);
-  }
-  float total;
-  float before = qs_exclusive_scan(mine, &total);
-  if (top_p < 1.f) {
-    unsigned least = qs_reduce(bound, QsMaxKey());
-    float above = 0.f;  // the candidates' weight at keys >= least: every token there
-    for (int i = threadIdx.x; i < CAND; i += QS_THREADS) {
-      if (qs_key(cand[i]) >= least) above += exp2f((cand[i] - m) * c);
-    }
-    if (qs_reduce(above, QsAdd()) >= top_p * total) {
-      int slot = qs_sample_row<float, CAND, 0>(cand, row, c, top_p, seed, total);
-      return cand_idx[slot] < 0 ? 0 : cand_idx[slot];
-    }
-    return qs_sample_row<T, V, 0>(x, row, c, top_p, seed);
-  }
-  // a chunk in proportion to its weight (the last positive one if rounding passes them all)
-  float target = qs_uniform(seed, row, QS_TRIES + 1) * total;
+  float target = qs_uniform(seed, row, QS_TRIES + 1 + t) * total;
   float owner_f = qs_reduce(mine > 0.f && before <= target ? static_cast<float>(threadIdx.x)
                                                             : -1.f, QsMax());
   if (threadIdx.x == static_cast<int>(owner_f)) {
@@ -603,13 +588,79 @@ __device__ int qs_draw_from_chunks(const T* x, int row, float c, float top_p,
   __syncthreads();
   const int chunk = chosen;
   __syncthreads();
-  // then a token of the chunk, with a key of its own
+  // a token of the chunk, with a key of its own
   constexpr int LAST = V - (QS_CHUNKS(V) - 1) * QS_CHUNK;  // the last chunk's length
-  const unsigned long long inner = qs_mix(seed ^ 0x5851F42D4C957F2Dull);
+  const unsigned long long inner = qs_mix(seed ^ (0x5851F42D4C957F2Dull + t));
   const T* at = x + chunk * QS_CHUNK;
-  int token = chunk == chunks - 1 ? qs_sample_row<T, LAST, 0>(at, row, c, 1.f, inner)
-                                  : qs_sample_row<T, QS_CHUNK, 0>(at, row, c, 1.f, inner);
+  int token = chunk == QS_CHUNKS(V) - 1 ? qs_sample_row<T, LAST, 0>(at, row, c, 1.f, inner)
+                                        : qs_sample_row<T, QS_CHUNK, 0>(at, row, c, 1.f, inner);
   return chunk * QS_CHUNK + token;
+}
+
+// A token of row x drawn from its chunks' summaries by one block. Top-k over the kept
+// candidates, which hold every token of the top k (the whole row where a chunk kept none:
+// too many ties). Else a token of the whole row (qs_chunk_draw); top-p keeps it where the
+// tokens likelier than it hold less than top_p of the weight: bounded by the chunks' bins
+// (those above its bin in each chunk, and those and its own), counted exactly over the row
+// only where the bounds straddle top_p. After QS_TRIES misses the whole row decides.
+template <typename T, int V, int TOPK>
+__device__ int qs_draw_from_chunks(const T* x, int row, float c, float top_p,
+                                   unsigned long long seed, const QsChunk* info,
+                                   const float* cand, const int* cand_idx,
+                                   const float* hist) {
+  const int chunks = QS_CHUNKS(V);
+  const float ninf = __int_as_float(0xff800000);
+  if (TOPK > 0) {
+    float overflow = 0.f;
+    for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
+      overflow = fmaxf(overflow, info[i].count > QS_SLOTS ? 1.f : 0.f);
+    }
+    if (qs_reduce(overflow, QsMax()) > 0.f) {
+      return qs_sample_row<T, V, TOPK>(x, row, c, top_p, seed);
+    }
+    int slot = qs_sample_row<float, QS_CHUNKS(V) * QS_SLOTS, TOPK>(cand, row, c, top_p, seed);
+    return cand_idx[slot] < 0 ? 0 : cand_idx[slot];
+  }
+  __shared__ float chunk_max[QS_CHUNKS(V)], chunk_scale[QS_CHUNKS(V)];
+  float m = ninf;
+  for (int i = threadIdx.x; i < chunks; i += QS_THREADS) m = fmaxf(m, info[i].max);
+  m = qs_reduce(m, QsMax());
+  for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
+    chunk_max[i] = info[i].max;
+    chunk_scale[i] = info[i].max != ninf ? exp2f((info[i].max - m) * c) : 0.f;
+  }
+  __syncthreads();
+  // thread t's chunks: a contiguous run, so that thread order is the row's order
+  constexpr int per = (QS_CHUNKS(V) + QS_THREADS - 1) / QS_THREADS;
+  const int lo = threadIdx.x * per, hi = lo + per < chunks ? lo + per : chunks;
+  float mine = 0.f;
+  for (int i = lo; i < hi; ++i) mine += info[i].sum * chunk_scale[i];
+  float total;
+  float before = qs_exclusive_scan(mine, &total);
+  if (top_p >= 1.f) {
+    return qs_chunk_draw<T, V>(x, row, c, info, m, mine, before, total, lo, hi, seed, 0);
+  }
+  const float goal = top_p * total;
+  for (int t = 0; t < QS_TRIES; ++t) {
+    int token = qs_chunk_draw<T, V>(x, row, c, info, m, mine, before, total, lo, hi, seed, t);
+    float xt = static_cast<float>(x[token]);
+    float above = 0.f, at = 0.f;  // weight in the bins above xt's, and in its bins
+    for (int e = threadIdx.x; e < chunks * QS_BINS; e += QS_THREADS) {
+      int b = e / QS_BINS, j = e - b * QS_BINS;
+      if (chunk_scale[b] == 0.f) continue;
+      int jt = qs_bin(chunk_max[b], xt, c);
+      if (j < jt) above += hist[e] * chunk_scale[b];
+      else if (j == jt) at += hist[e] * chunk_scale[b];
+    }
+    above = qs_reduce(above, QsAdd());
+    at = qs_reduce(at, QsAdd());
+    if (above + at < goal || above + at == 0.f) return token;
+    if (above >= goal) continue;
+    // the most likely tokens always belong (a top_p that rounds to 0 keeps them)
+    float likelier = qs_likelier<T, V>(x, ql_aligned(x), m, c, 0u, qs_key(xt));
+    if (likelier < goal || likelier == 0.f) return token;
+  }
+  return qs_sample_row<T, V, 0>(x, row, c, top_p, qs_mix(seed ^ 0x2545F4914F6CDD1Dull));
 }
 
 // A token of each row of logits (B, V), one block a chunk of a row: the block's chunk
@@ -625,10 +676,13 @@ __device__ void qs_sample_chunks(const T* logits, float c, float top_p,
   QsChunk* info = reinterpret_cast<QsChunk*>(words + 4);
   float* cand = reinterpret_cast<float*>(words + 4 + 4 * chunks);
   int* cand_idx = reinterpret_cast<int*>(cand + chunks * QS_SLOTS);
-  if (TOPK == 0) qs_chunk_sum<T, V>(x, chunk, c, info + chunk);
-  if (TOPK > 0 || top_p < 1.f) {
+  float* hist = reinterpret_cast<float*>(cand_idx + chunks * QS_SLOTS);
+  if (TOPK > 0) {
     qs_candidates<T, V>(x, chunk, info + chunk, cand + chunk * QS_SLOTS,
                         cand_idx + chunk * QS_SLOTS);
+  } else {
+    qs_chunk_sum<T, V>(x, chunk, c, info + chunk,
+                       top_p < 1.f ? hist + chunk * QS_BINS : nullptr);
   }
   // the summary visible to the other blocks before the counter counts it (and, in the
   // last block, theirs to it after)
@@ -639,7 +693,8 @@ __device__ void qs_sample_chunks(const T* logits, float c, float top_p,
   __syncthreads();
   if (ticket != static_cast<unsigned>(chunks - 1)) return;
   __threadfence();
-  int token = qs_draw_from_chunks<T, V, TOPK>(x, row, c, top_p, seed, info, cand, cand_idx);
+  int token = qs_draw_from_chunks<T, V, TOPK>(x, row, c, top_p, seed, info, cand, cand_idx,
+                                              hist);
   if (threadIdx.x == 0) tokens[row] = token;
 }
 """
@@ -693,8 +748,7 @@ def chunks(vocab: int, chunk_groups: int = CHUNK_GROUPS) -> int:
 
 def scratch_words(vocab: int, chunk_groups: int = CHUNK_GROUPS, slots: int = SLOTS) -> int:
     """4-byte words of scratch a row takes in chunks (QS_ROW_WORDS)."""
-    n = chunks(vocab, chunk_groups)
-    return 4 + 4 * n + 2 * slots * n
+    return 4 + (4 + 2 * slots + BINS) * chunks(vocab, chunk_groups)
 
 
 def takes_chunks(vocab: int, top_k: int, chunk_groups: int = CHUNK_GROUPS,
