@@ -3,8 +3,8 @@
 // (__syncthreads, and the warp-wide ones inside shuffles and ballots) switch fibers, so a
 // kernel whose threads do not all reach a barrier is reported as a deadlock, not hung.
 // __shared__ variables are statics (one block at a time); atomics need no locking (fibers
-// switch only at barriers), nor fences. Covers what qwen_lora's sampling and decoding kernels
-// use, nothing more.
+// switch only at barriers). Covers what qwen_lora's sampling and decoding kernels use, nothing
+// more.
 #pragma once
 #include <ucontext.h>
 
@@ -70,19 +70,16 @@ inline void entry() {
   to_scheduler();
 }
 
-// Runs `kernel` on `blocks` blocks of `threads` threads (a multiple of 32), the first block
-// first, or the last first where `reversed` (a GPU keeps no order). Returns false (after
-// printing why) on a deadlock: threads waiting at a barrier that others never reach.
-inline bool launch(unsigned blocks, unsigned threads, const std::function<void()>& kernel,
-                   bool reversed = false) {
+// Runs `kernel` on `blocks` blocks of `threads` threads (a multiple of 32). Returns false
+// (after printing why) on a deadlock: threads waiting at a barrier that others never reach.
+inline bool launch(unsigned blocks, unsigned threads, const std::function<void()>& kernel) {
   if (threads % 32 != 0) {
     std::fprintf(stderr, "emu: %u threads is not a multiple of 32\n", threads);
     return false;
   }
   body = &kernel;
   blockDim.x = threads;
-  for (unsigned b = 0; b < blocks; ++b) {
-    const unsigned block = reversed ? blocks - 1 - b : b;
+  for (unsigned block = 0; block < blocks; ++block) {
     blockIdx.x = block;
     fibers.assign(threads, Fiber());
     barriers.assign(1 + threads / 32, Barrier());
@@ -180,14 +177,11 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   return mask;
 }
 
-template <typename V>
-inline V atomicAdd(V* p, V v) {
-  V old = *p;
+inline float atomicAdd(float* p, float v) {
+  float old = *p;
   *p = old + v;
   return old;
 }
-
-inline void __threadfence() {}  // one block at a time: its writes are all there after it
 
 inline unsigned __float_as_uint(float f) { return emu::from_bits<unsigned>(emu::bits(f)); }
 inline float __int_as_float(int i) { return emu::from_bits<float>(emu::bits(i)); }

@@ -18,34 +18,25 @@ from test_sampling import KERNEL_CASES, expected_distribution
 from qwen_lora import cuda_sampling
 
 THREADS = 64
-
-
-def sizes(vocab: int) -> dict[str, int]:
-    """Chunks of 64 logits keeping 16 candidates (24 slots): rows of more than 64 logits go
-    in chunks (top-k up to 16), as rows of more than 2,048 on a GPU. Rows of more than 1,024
-    (the cases that take chunks on a GPU too) go in chunks of 256: a few blocks a row
-    instead of dozens (an emulated block costs milliseconds)."""
-    return dict(threads=THREADS, chunk_groups=8 if vocab <= 1024 else 32, candidates=16,
-                slots=24)
-
+# Chunks of 64 logits keeping 16 candidates (24 slots): top-k over rows of more than 64
+# logits goes in chunks, as over 151,936 in chunks of 2,048 on a GPU; shorter rows, top-k
+# above 16 and the other strategies take the one-kernel path.
+SIZES = dict(threads=THREADS, chunk_groups=8, candidates=16, slots=24)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 def chunked(vocab: int, top_k: int) -> bool:
-    at = sizes(vocab)
-    return cuda_sampling.takes_chunks(vocab, top_k, at["chunk_groups"], at["candidates"])
+    return cuda_sampling.takes_chunks(vocab, top_k, SIZES["chunk_groups"], SIZES["candidates"])
 
 
 def kernel_source(vocab: int, top_k: int, dtype: type = np.float32) -> str:
-    """The kernel and a `run` that launches it as `cuda_sampling.sample` does: one block a
-    chunk where the row takes chunks (its scratch zeroed, as MLX's init_value does), else one
-    a row; the blocks in reverse order where `reversed` is set."""
+    """The kernels and a `run` that launches them as `cuda_sampling.sample` does: in chunks
+    (two kernels) where the row takes them, else one."""
     ctype = CTYPES[dtype]
-    at = sizes(vocab)
     if not chunked(vocab, top_k):
         return f"""#include "cuda_emu.h"
-{cuda_sampling.header(**at)}
+{cuda_sampling.header(**SIZES)}
 template <typename T, int V, int TOPK>
 void qs_kernel(const T* logits, const uint32_t* key, const float* params, int32_t* tokens,
                uint32_t* next_key) {{
@@ -53,31 +44,43 @@ void qs_kernel(const T* logits, const uint32_t* key, const float* params, int32_
 }}
 
 extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
-                   const float* params, int32_t* tokens, uint32_t* next_key, int reversed) {{
+                   const float* params, int32_t* tokens, uint32_t* next_key) {{
   bool ok = emu::launch(batch, {THREADS}, [&] {{
     qs_kernel<{ctype}, {vocab}, {top_k}>(static_cast<const {ctype}*>(logits), key, params,
                                          tokens, next_key);
-  }}, reversed != 0);
+  }});
   return ok ? 0 : 1;
 }}
 """
-    n = cuda_sampling.chunks(vocab, at["chunk_groups"])
-    words = cuda_sampling.scratch_words(vocab, at["chunk_groups"], at["slots"])
+    n = cuda_sampling.chunks(vocab, SIZES["chunk_groups"])
     return f"""#include "cuda_emu.h"
-{cuda_sampling.header(**at)}
+{cuda_sampling.header(**SIZES)}
+template <typename T, int V>
+void chunk_kernel(const T* logits, unsigned* counts, float* cand, int* cand_idx) {{
+{cuda_sampling._CHUNK}
+}}
+
 template <typename T, int V, int TOPK>
-void chunks_kernel(const T* logits, const uint32_t* key, const float* params, int32_t* tokens,
-                   uint32_t* next_key, unsigned* scratch) {{
-{cuda_sampling._CHUNKS}
+void chunked_kernel(const T* logits, const uint32_t* key, const float* params,
+                    const unsigned* counts, const float* cand, const int* cand_idx,
+                    int32_t* tokens, uint32_t* next_key) {{
+{cuda_sampling._CHUNKED}
 }}
 
 extern "C" int run(const void* logits, unsigned batch, const uint32_t* key,
-                   const float* params, int32_t* tokens, uint32_t* next_key, int reversed) {{
-  std::vector<unsigned> scratch(batch * {words});
-  bool ok = emu::launch(batch * {n}, {THREADS}, [&] {{
-    chunks_kernel<{ctype}, {vocab}, {top_k}>(static_cast<const {ctype}*>(logits), key, params,
-                                             tokens, next_key, scratch.data());
-  }}, reversed != 0);
+                   const float* params, int32_t* tokens, uint32_t* next_key) {{
+  unsigned n = batch * {n};
+  std::vector<unsigned> counts(n);
+  std::vector<float> cand(n * {SIZES["slots"]});
+  std::vector<int> cand_idx(n * {SIZES["slots"]});
+  const {ctype}* x = static_cast<const {ctype}*>(logits);
+  bool ok = emu::launch(n, {THREADS}, [&] {{
+    chunk_kernel<{ctype}, {vocab}>(x, counts.data(), cand.data(), cand_idx.data());
+  }});
+  ok = ok && emu::launch(batch, {THREADS}, [&] {{
+    chunked_kernel<{ctype}, {vocab}, {top_k}>(x, key, params, counts.data(), cand.data(),
+                                             cand_idx.data(), tokens, next_key);
+  }});
   return ok ? 0 : 1;
 }}
 """
@@ -99,8 +102,7 @@ def build(tmp_path_factory):
 
 
 def run_kernel(lib: ctypes.CDLL, logits: np.ndarray, key: tuple[int, int],
-               temperature: float, top_p: float, reversed: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
+               temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     if logits.dtype != np.float16:
         logits = logits.astype(np.float32)
     logits = np.ascontiguousarray(logits)
@@ -111,7 +113,7 @@ def run_kernel(lib: ctypes.CDLL, logits: np.ndarray, key: tuple[int, int],
     next_key = np.zeros(2, dtype=np.uint32)
     ptr = np.ctypeslib.as_ctypes
     status = lib.run(ctypes.c_void_p(logits.ctypes.data), ctypes.c_uint(batch), ptr(key_arr),
-                     ptr(params), ptr(tokens), ptr(next_key), ctypes.c_int(reversed))
+                     ptr(params), ptr(tokens), ptr(next_key))
     assert status == 0, "the kernel deadlocked: threads wait at a barrier others never reach"
     return tokens, next_key
 
@@ -131,9 +133,9 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
     rows, calls = 300, 3
     counts = np.zeros(len(x), dtype=np.int64)
     key = (1, 2)
-    for call in range(calls):  # the blocks in either order: the last to finish draws
+    for _ in range(calls):
         tokens, next_key = run_kernel(lib, np.tile(x, (rows, 1)), key, case["temperature"],
-                                      case["top_p"], reversed=call % 2 == 1)
+                                      case["top_p"])
         assert ((tokens >= 0) & (tokens < len(x))).all()
         counts += np.bincount(tokens, minlength=len(x))
         key = tuple(int(k) for k in next_key)
@@ -145,13 +147,11 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
 
 
 def test_emulated_cases_take_both_paths():
-    """Rows in chunks (one block each) and rows in one block, among the cases."""
+    """Top-k over rows in chunks (two kernels) and rows in one block each, among the cases."""
     paths = {name: chunked(len(case["x"]), case["top_k"]) for name, case in KERNEL_CASES.items()}
     assert paths["top-k"] and paths["top-k-top-p"] and paths["tied-chunks"]
     assert paths["k-at-candidates"] and paths["masked-chunks"]
-    assert paths["temperature"] and paths["top-p-chunks"] and paths["wide-p"]
-    assert not paths["top-p"] and not paths["tied-k"] and not paths["tied-p"]
-    assert not chunked(300, sizes(300)["candidates"] + 1)  # k above the candidates: one block
+    assert not paths["temperature"] and not paths["tied-k"]
 
 
 def test_emulated_kernel_rows_and_keys(build):
@@ -190,19 +190,23 @@ __global__ void qs_kernel(const T* logits, const uint32_t* key, const float* par
                           int32_t* tokens, uint32_t* next_key) {{
 {cuda_sampling._SAMPLE}
 }}
+template <typename T, int V>
+__global__ void chunk_kernel(const T* logits, unsigned* counts, float* cand, int* cand_idx) {{
+{cuda_sampling._CHUNK}
+}}
 template <typename T, int V, int TOPK>
-__global__ void chunks_kernel(const T* logits, const uint32_t* key, const float* params,
-                              int32_t* tokens, uint32_t* next_key, uint32_t* scratch) {{
-{cuda_sampling._CHUNKS}
+__global__ void chunked_kernel(const T* logits, const uint32_t* key, const float* params,
+                               const unsigned* counts, const float* cand,
+                               const int* cand_idx, int32_t* tokens, uint32_t* next_key) {{
+{cuda_sampling._CHUNKED}
 }}
 template __global__ void qs_kernel<float, 151936, 0>(const float*, const uint32_t*,
     const float*, int32_t*, uint32_t*);
 template __global__ void qs_kernel<__nv_bfloat16, 1000, 0>(const __nv_bfloat16*,
     const uint32_t*, const float*, int32_t*, uint32_t*);
-template __global__ void chunks_kernel<__half, 151936, 0>(const __half*, const uint32_t*,
-    const float*, int32_t*, uint32_t*, uint32_t*);
-template __global__ void chunks_kernel<__half, 151936, 50>(const __half*, const uint32_t*,
-    const float*, int32_t*, uint32_t*, uint32_t*);
+template __global__ void chunk_kernel<__half, 151936>(const __half*, unsigned*, float*, int*);
+template __global__ void chunked_kernel<__half, 151936, 50>(const __half*, const uint32_t*,
+    const float*, const unsigned*, const float*, const int*, int32_t*, uint32_t*);
 """
     (tmp_path / "kernel.cu").write_text(source)
     proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "--Werror",

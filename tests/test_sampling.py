@@ -250,17 +250,6 @@ KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CP
     # a chunk's ties outnumber its slots: the whole row decides
     "tied-chunks": dict(x=np.where(np.arange(256) % 50 == 0, 1.0, 0.0), temperature=1.0,
                         top_k=3, top_p=0.8),
-    # rows of more than one chunk here and on a GPU (2,048 logits a chunk there): a nucleus
-    # within the chunks' candidates, one wider than them (the whole row decides), and
-    # temperature alone over chunks of which some hold only masked logits
-    "top-p-chunks": dict(x=np.random.default_rng(10).normal(size=2500) * 3, temperature=0.7,
-                         top_k=0, top_p=0.9),
-    "wide-p": dict(x=np.random.default_rng(11).normal(size=2500) * 0.3, temperature=1.0,
-                   top_k=0, top_p=0.9),
-    "masked-temperature": dict(
-        x=np.where(((np.arange(2500) // 64) % 2 == 1) | (np.arange(2500) >= 2048), -np.inf,
-                   np.random.default_rng(12).normal(size=2500)),
-        temperature=1.0, top_k=0, top_p=1.0),
 }
 
 

@@ -19,19 +19,15 @@ loads) and owns every 512th group:
 
 Tokens tied with the nucleus' (or the k-th) last token belong to it, as in `Sampler`'s other
 implementations. Random numbers come from a counter-based hash of the sampler's key, row and
-draw; the kernel also returns the next key, so a call is one kernel and nothing else.
+draw; the kernel also returns the next key, so a call is one or two kernels and nothing
+else.
 
-A row longer than one chunk (`CHUNK_GROUPS` groups: 2,048 logits) goes one block a chunk
-instead, so that its passes spread over the GPU rather than one block's (top-k up to
-`CANDIDATES`). Each block writes a summary of its chunk to scratch: its maximum and weight,
-and, where the draw needs them, its `CANDIDATES` largest logits with their ties (a bitonic
-sort in shared memory). The row's last block to finish (a counter in the scratch, which MLX
-zeroes) then draws from the summaries alone where they suffice: temperature picks a chunk in
-proportion to its weight, then a token of it; top-k runs the steps above over the kept
-logits, which hold every token of the top k; top-p does where the kept logits above the
-least key any chunk left out hold top_p of the row's weight (so the whole nucleus). Else
-(a nucleus wider than the kept logits, or a chunk whose ties outnumber its `SLOTS`) that
-block runs the steps above over the whole row.
+Top-k over a long row (more than one chunk of `CHUNK_GROUPS` groups: 2,048 logits; k up to
+`CANDIDATES`) goes in two kernels instead, so that its selection spreads over the GPU rather
+than one block's four passes over the row: one block a chunk keeps the chunk's `CANDIDATES`
+largest logits and their ties (a bitonic sort in shared memory), then one block a row runs
+the steps above over the kept ones, which hold every token of the top k. A chunk whose ties
+outnumber its `SLOTS` sends the row back to the steps above.
 
 `Sampler`'s default on MLX's CUDA backend (`backend="cuda"`). Also tested without a GPU by
 tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads).
@@ -45,13 +41,12 @@ import mlx.core as mx
 
 from qwen_lora.cuda_decode import VECTOR_LOADS, hashed_kernel
 
-THREADS = 512  # per block: one block a row, or a chunk of one
+THREADS = 512  # per block: one block a row (or a chunk of one)
 TRIES = 8  # rejection draws of top-p before the exact selection
 GROUP = 8  # logits a thread reads at once (QS_VEC)
-CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits)
+CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits), for top-k
 CANDIDATES = 64  # the largest logits a chunk keeps: top-k up to this k reads only them
 SLOTS = 128  # room a chunk has for them and the ties of the last
-BINS = 256  # a chunk's bins of weight (QS_BINS), for top-p
 
 _HEADER = VECTOR_LOADS + """
 #define QS_THREADS THREADS
@@ -59,8 +54,6 @@ _HEADER = VECTOR_LOADS + """
 #define QS_CHUNK_GROUPS CHUNK_GROUPS
 #define QS_CANDIDATES CANDIDATES
 #define QS_SLOTS SLOTS
-#define QS_BINS 256  // a chunk's bins of weight, for top-p (qs_bin)
-#define QS_BIN_SCALE 8.f  // bins an octave
 #define QS_WARPS (QS_THREADS / 32)
 #define QS_VEC 8  // a thread's elements come in groups of 8 (ql_load8): 16-byte loads
 #define QS_FULL 0xffffffffu
@@ -86,26 +79,23 @@ __device__ inline float qs_uniform(unsigned long long key, unsigned row, unsigne
 
 struct QsAdd { __device__ float operator()(float a, float b) const { return a + b; } };
 struct QsMax { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
-struct QsMaxKey {
-  __device__ unsigned operator()(unsigned a, unsigned b) const { return a > b ? a : b; }
-};
 
 // Reduces v over the block; every thread gets the result.
-template <typename R, typename Op>
-__device__ inline R qs_reduce(R v, Op op) {
-  __shared__ R part[QS_WARPS];
-  __shared__ R result;
+template <typename Op>
+__device__ inline float qs_reduce(float v, Op op) {
+  __shared__ float part[QS_WARPS];
+  __shared__ float result;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(QS_FULL, v, o));
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
-    R r = part[0];
+    float r = part[0];
     for (int w = 1; w < QS_WARPS; ++w) r = op(r, part[w]);
     result = r;
   }
   __syncthreads();
-  R r = result;
+  float r = result;
   __syncthreads();
   return r;
 }
@@ -391,25 +381,20 @@ __device__ float qs_likelier(const T* x, bool aligned, float m, float c, unsigne
 }
 
 // A draw from the nucleus: the exact selection, for when QS_TRIES rejection draws missed.
-// `mass` is the weight that top_p is a share of.
 template <typename T, int V>
-__device__ int qs_nucleus_pick(const T* x, int row, bool aligned, float m, float c,
-                               unsigned kmin, float top_p, float mass,
-                               unsigned long long seed) {
-  float mine, before, total;
-  kmin = qs_select<T, V, false>(x, aligned, m, c, kmin, fmaxf(top_p * mass, 1e-30f));
+__device__ int qs_nucleus_pick(const T* x, bool aligned, float m, float c, unsigned kmin,
+                               float top_p, float total, unsigned long long seed) {
+  float mine, before;
+  kmin = qs_select<T, V, false>(x, aligned, m, c, kmin, fmaxf(top_p * total, 1e-30f));
   m = qs_sums<T, V>(x, aligned, c, kmin, &mine, &before, &total);
   return qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
-                       qs_uniform(seed, row, QS_TRIES) * total);
+                       qs_uniform(seed, blockIdx.x, QS_TRIES) * total);
 }
 
-// A token of `row` (x: its logits; the token's index in x) drawn by the whole block: from the
-// TOPK largest logits where TOPK > 0, from the nucleus of top_p where top_p < 1; c is
-// log2(e) / temperature. top_p is a share of `mass` where that is >= 0 (the weight of a whole
-// row that x holds the likeliest logits of, relative to x's maximum), else of x's own weight.
+// A token of row x (its index) drawn by the whole block: from the TOPK largest logits where
+// TOPK > 0, from the nucleus of top_p where top_p < 1; c is log2(e) / temperature.
 template <typename T, int V, int TOPK>
-__device__ int qs_sample_row(const T* x, int row, float c, float top_p,
-                             unsigned long long seed, float mass = -1.f) {
+__device__ int qs_sample_row(const T* x, float c, float top_p, unsigned long long seed) {
   bool aligned = ql_aligned(x);
   unsigned kmin = 0u;
   if (TOPK > 0) kmin = qs_select<T, V, true>(x, aligned, 0.f, c, 0u, static_cast<float>(TOPK));
@@ -417,18 +402,17 @@ __device__ int qs_sample_row(const T* x, int row, float c, float top_p,
   float m = qs_sums<T, V>(x, aligned, c, kmin, &mine, &before, &total);
   if (top_p >= 1.f) {
     return qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
-                         qs_uniform(seed, row, 0) * total);
+                         qs_uniform(seed, blockIdx.x, 0) * total);
   }
-  if (mass < 0.f) mass = total;
   for (int t = 0; t < QS_TRIES; ++t) {
     int pick = qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
-                             qs_uniform(seed, row, t) * total);
+                             qs_uniform(seed, blockIdx.x, t) * total);
     float likelier = qs_likelier<T, V>(x, aligned, m, c, kmin,
                                        qs_key(static_cast<float>(x[pick])));
     // the most likely tokens always belong (a top_p that rounds to 0 keeps them)
-    if (likelier < top_p * mass || likelier == 0.f) return pick;
+    if (likelier < top_p * total || likelier == 0.f) return pick;
   }
-  return qs_nucleus_pick<T, V>(x, row, aligned, m, c, kmin, top_p, mass, seed);
+  return qs_nucleus_pick<T, V>(x, aligned, m, c, kmin, top_p, total, seed);
 }
 
 // The row's key and next key: the first block writes the next one.
@@ -442,29 +426,20 @@ __device__ inline unsigned long long qs_seed(const uint32_t* key, uint32_t* next
   return seed;
 }
 
-// ---- A row longer than one chunk (QS_CHUNK_GROUPS groups): one block a chunk, in one
-// kernel. Each block writes its chunk's summary to the row's scratch (MLX zeroes it); the
-// last block of the row to finish (a counter decides) draws from the summaries.
+// ---- Top-k over a long row in two kernels: chunks of QS_CHUNK_GROUPS groups, one block
+// each, then one block a row over what the chunks kept.
 #define QS_CHUNK (QS_CHUNK_GROUPS * QS_VEC)  // elements a chunk (a power of two)
 #define QS_CHUNKS(V) ((QS_GROUPS(V) + QS_CHUNK_GROUPS - 1) / QS_CHUNK_GROUPS)
-// A row's scratch, in 4-byte words: its counter (and 3 of padding, for 16-byte loads of what
-// follows), a QsChunk a chunk, then the chunks' slots of candidates and of their indices,
-// then their bins of weight.
-#define QS_ROW_WORDS(V) (4 + (4 + 2 * QS_SLOTS + QS_BINS) * QS_CHUNKS(V))
 
-struct QsChunk {
-  unsigned count;  // candidates kept (above QS_SLOTS: too many ties, none kept)
-  unsigned least;  // every logit of the chunk not kept has a smaller key (0: all kept)
-  float max;       // the chunk's largest logit
-  float sum;       // its weights, relative to max
-};
-
-// The QS_CANDIDATES largest logits of chunk `chunk` of row x and every one tied with the
-// last, in cand (their indices in cand_idx; -inf and -1 in the slots left), their count and
-// the least key kept in info. A bitonic sort of (key, position) pairs in shared memory.
+// One chunk of a row (block b of the row: chunk b): its QS_CANDIDATES largest logits and
+// every one tied with the last, in cand (their indices in cand_idx; -inf and -1 in the
+// slots left), and their count in counts (above QS_SLOTS: too many ties to keep, and the
+// slots stay empty). A bitonic sort of (key, position) pairs in shared memory.
 template <typename T, int V>
-__device__ void qs_candidates(const T* x, int chunk, QsChunk* info, float* cand,
-                              int* cand_idx) {
+__device__ void qs_chunk(const T* logits, unsigned* counts, float* cand, int* cand_idx) {
+  const int chunks = QS_CHUNKS(V);
+  const int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  const T* x = logits + static_cast<size_t>(row) * V;
   const int first = chunk * QS_CHUNK;  // the chunk's first element
   const int real = V - first < QS_CHUNK ? V - first : QS_CHUNK;
   __shared__ unsigned long long pairs[QS_CHUNK];
@@ -499,203 +474,32 @@ __device__ void qs_candidates(const T* x, int chunk, QsChunk* info, float* cand,
     kept += static_cast<unsigned>(pairs[i] >> 32) >= least ? 1.f : 0.f;
   }
   int count = static_cast<int>(qs_reduce(kept, QsAdd()));
-  if (threadIdx.x == 0) {
-    info->count = static_cast<unsigned>(count);
-    info->least = least;
-  }
+  const int out = row * chunks + chunk;
+  if (threadIdx.x == 0) counts[out] = static_cast<unsigned>(count);
   for (int i = threadIdx.x; i < QS_SLOTS; i += QS_THREADS) {
     bool keep = i < count && count <= QS_SLOTS;
     int at = first + static_cast<int>(pairs[i] & 0xffffffffu);
-    cand[i] = keep ? static_cast<float>(x[at]) : __int_as_float(0xff800000);
-    cand_idx[i] = keep ? at : -1;
+    cand[out * QS_SLOTS + i] = keep ? static_cast<float>(x[at]) : __int_as_float(0xff800000);
+    cand_idx[out * QS_SLOTS + i] = keep ? at : -1;
   }
 }
 
-// Bin of logit x in a chunk whose largest logit is mb: eighths of an octave of weight below
-// mb's, the last bin holding everything further down. A logit above mb: -1.
-__device__ inline int qs_bin(float mb, float x, float c) {
-  float d = floorf((mb - x) * c * QS_BIN_SCALE);
-  return d < static_cast<float>(QS_BINS) ? static_cast<int>(d) : QS_BINS - 1;
-}
-
-// The largest logit of chunk `chunk` of row x and its weights relative to it, in info; with
-// hist, also those weights by qs_bin (QS_BINS floats), for top-p's test of a drawn token.
-template <typename T, int V>
-__device__ void qs_chunk_sum(const T* x, int chunk, float c, QsChunk* info, float* hist) {
-  static_assert(QS_CHUNK_GROUPS <= QS_THREADS, "a thread reads one group of a chunk");
-  const float ninf = __int_as_float(0xff800000);
-  const int g = chunk * QS_CHUNK_GROUPS + threadIdx.x;
-  float v[QS_VEC], m = ninf, s = 0.f;
-  if (threadIdx.x < QS_CHUNK_GROUPS && g < QS_GROUPS(V)) {
-    qs_load<T, V>(x, g, ql_aligned(x), v);
-  } else {
-#pragma unroll
-    for (int j = 0; j < QS_VEC; ++j) v[j] = ninf;
-  }
-#pragma unroll
-  for (int j = 0; j < QS_VEC; ++j) m = fmaxf(m, v[j]);
-  m = qs_reduce(m, QsMax());
-  float w[QS_VEC];
-#pragma unroll
-  for (int j = 0; j < QS_VEC; ++j) {
-    w[j] = m != ninf ? exp2f((v[j] - m) * c) : 0.f;
-    s += w[j];
-  }
-  s = qs_reduce(s, QsAdd());
-  if (threadIdx.x == 0) {
-    info->max = m;
-    info->sum = s;
-  }
-  if (hist == nullptr) return;
-  __shared__ float bins_w[QS_BINS];
-  for (int j = threadIdx.x; j < QS_BINS; j += QS_THREADS) bins_w[j] = 0.f;
-  __syncthreads();
-  unsigned bins[QS_VEC], pending = 0u;
-#pragma unroll
-  for (int j = 0; j < QS_VEC; ++j) {
-    bins[j] = w[j] > 0.f ? static_cast<unsigned>(qs_bin(m, v[j], c)) : 0u;
-    if (w[j] > 0.f) pending |= 1u << j;
-  }
-  qs_hist_add(bins_w, pending, bins, w);
-  __syncthreads();
-  for (int j = threadIdx.x; j < QS_BINS; j += QS_THREADS) hist[j] = bins_w[j];
-}
-
-// A token of row x drawn from the whole row by the block (try t): a chunk in proportion to
-// its weight (`mine`, `before` and `total`: this thread's chunks lo..hi, relative to the row's
-// maximum m; the last positive one if rounding passes them all), then a token of the chunk.
-template <typename T, int V>
-__device__ int qs_chunk_draw(const T* x, int row, float c, const QsChunk* info, float m,
-                             float mine, float before, float total, int lo, int hi,
-                             unsigned long long seed, int t) {
-  const float ninf = __int_as_float(0xff800000);
-  __shared__ int chosen;
-  float target = qs_uniform(seed, row, QS_TRIES + 1 + t) * total;
-  float owner_f = qs_reduce(mine > 0.f && before <= target ? static_cast<float>(threadIdx.x)
-                                                            : -1.f, QsMax());
-  if (threadIdx.x == static_cast<int>(owner_f)) {
-    float run = before;
-    int pick = lo;
-    for (int i = lo; i < hi; ++i) {
-      float w = info[i].max != ninf ? info[i].sum * exp2f((info[i].max - m) * c) : 0.f;
-      if (w > 0.f) pick = i;
-      run += w;
-      if (w > 0.f && run > target) break;
-    }
-    chosen = pick;
-  }
-  if (owner_f < 0.f && threadIdx.x == 0) chosen = 0;  // no positive weight (NaN logits)
-  __syncthreads();
-  const int chunk = chosen;
-  __syncthreads();
-  // a token of the chunk, with a key of its own
-  constexpr int LAST = V - (QS_CHUNKS(V) - 1) * QS_CHUNK;  // the last chunk's length
-  const unsigned long long inner = qs_mix(seed ^ (0x5851F42D4C957F2Dull + t));
-  const T* at = x + chunk * QS_CHUNK;
-  int token = chunk == QS_CHUNKS(V) - 1 ? qs_sample_row<T, LAST, 0>(at, row, c, 1.f, inner)
-                                        : qs_sample_row<T, QS_CHUNK, 0>(at, row, c, 1.f, inner);
-  return chunk * QS_CHUNK + token;
-}
-
-// A token of row x drawn from its chunks' summaries by one block. Top-k over the kept
-// candidates, which hold every token of the top k (the whole row where a chunk kept none:
-// too many ties). Else a token of the whole row (qs_chunk_draw); top-p keeps it where the
-// tokens likelier than it hold less than top_p of the weight: bounded by the chunks' bins
-// (those above its bin in each chunk, and those and its own), counted exactly over the row
-// only where the bounds straddle top_p. After QS_TRIES misses the whole row decides.
+// A token of the row whose chunks qs_chunk kept candidates of (the block's row), drawn by
+// the block with qs_sample_row over the candidates, which hold every token of the top k
+// (TOPK <= QS_CANDIDATES) and its ties; over the row where a chunk had too many ties.
 template <typename T, int V, int TOPK>
-__device__ int qs_draw_from_chunks(const T* x, int row, float c, float top_p,
-                                   unsigned long long seed, const QsChunk* info,
-                                   const float* cand, const int* cand_idx,
-                                   const float* hist) {
+__device__ int qs_chunked_row(const T* x, float c, float top_p, unsigned long long seed,
+                              const unsigned* counts, const float* cand, const int* cand_idx) {
   const int chunks = QS_CHUNKS(V);
-  const float ninf = __int_as_float(0xff800000);
-  if (TOPK > 0) {
-    float overflow = 0.f;
-    for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
-      overflow = fmaxf(overflow, info[i].count > QS_SLOTS ? 1.f : 0.f);
-    }
-    if (qs_reduce(overflow, QsMax()) > 0.f) {
-      return qs_sample_row<T, V, TOPK>(x, row, c, top_p, seed);
-    }
-    int slot = qs_sample_row<float, QS_CHUNKS(V) * QS_SLOTS, TOPK>(cand, row, c, top_p, seed);
-    return cand_idx[slot] < 0 ? 0 : cand_idx[slot];
-  }
-  __shared__ float chunk_max[QS_CHUNKS(V)], chunk_scale[QS_CHUNKS(V)];
-  float m = ninf;
-  for (int i = threadIdx.x; i < chunks; i += QS_THREADS) m = fmaxf(m, info[i].max);
-  m = qs_reduce(m, QsMax());
+  const int base = blockIdx.x * chunks;
+  float overflow = 0.f;
   for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
-    chunk_max[i] = info[i].max;
-    chunk_scale[i] = info[i].max != ninf ? exp2f((info[i].max - m) * c) : 0.f;
+    overflow = fmaxf(overflow, counts[base + i] > QS_SLOTS ? 1.f : 0.f);
   }
-  __syncthreads();
-  // thread t's chunks: a contiguous run, so that thread order is the row's order
-  constexpr int per = (QS_CHUNKS(V) + QS_THREADS - 1) / QS_THREADS;
-  const int lo = threadIdx.x * per, hi = lo + per < chunks ? lo + per : chunks;
-  float mine = 0.f;
-  for (int i = lo; i < hi; ++i) mine += info[i].sum * chunk_scale[i];
-  float total;
-  float before = qs_exclusive_scan(mine, &total);
-  if (top_p >= 1.f) {
-    return qs_chunk_draw<T, V>(x, row, c, info, m, mine, before, total, lo, hi, seed, 0);
-  }
-  const float goal = top_p * total;
-  for (int t = 0; t < QS_TRIES; ++t) {
-    int token = qs_chunk_draw<T, V>(x, row, c, info, m, mine, before, total, lo, hi, seed, t);
-    float xt = static_cast<float>(x[token]);
-    float above = 0.f, at = 0.f;  // weight in the bins above xt's, and in its bins
-    for (int e = threadIdx.x; e < chunks * QS_BINS; e += QS_THREADS) {
-      int b = e / QS_BINS, j = e - b * QS_BINS;
-      if (chunk_scale[b] == 0.f) continue;
-      int jt = qs_bin(chunk_max[b], xt, c);
-      if (j < jt) above += hist[e] * chunk_scale[b];
-      else if (j == jt) at += hist[e] * chunk_scale[b];
-    }
-    above = qs_reduce(above, QsAdd());
-    at = qs_reduce(at, QsAdd());
-    if (above + at < goal || above + at == 0.f) return token;
-    if (above >= goal) continue;
-    // the most likely tokens always belong (a top_p that rounds to 0 keeps them)
-    float likelier = qs_likelier<T, V>(x, ql_aligned(x), m, c, 0u, qs_key(xt));
-    if (likelier < goal || likelier == 0.f) return token;
-  }
-  return qs_sample_row<T, V, 0>(x, row, c, top_p, qs_mix(seed ^ 0x2545F4914F6CDD1Dull));
-}
-
-// A token of each row of logits (B, V), one block a chunk of a row: the block's chunk
-// summarized in the row's scratch (QS_ROW_WORDS(V) words, zeroed), and the row's last block
-// to finish draws; c is log2(e) / temperature.
-template <typename T, int V, int TOPK>
-__device__ void qs_sample_chunks(const T* logits, float c, float top_p,
-                                 unsigned long long seed, unsigned* scratch, int* tokens) {
-  const int chunks = QS_CHUNKS(V);
-  const int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
-  const T* x = logits + static_cast<size_t>(row) * V;
-  unsigned* words = scratch + static_cast<size_t>(row) * QS_ROW_WORDS(V);
-  QsChunk* info = reinterpret_cast<QsChunk*>(words + 4);
-  float* cand = reinterpret_cast<float*>(words + 4 + 4 * chunks);
-  int* cand_idx = reinterpret_cast<int*>(cand + chunks * QS_SLOTS);
-  float* hist = reinterpret_cast<float*>(cand_idx + chunks * QS_SLOTS);
-  if (TOPK > 0) {
-    qs_candidates<T, V>(x, chunk, info + chunk, cand + chunk * QS_SLOTS,
-                        cand_idx + chunk * QS_SLOTS);
-  } else {
-    qs_chunk_sum<T, V>(x, chunk, c, info + chunk,
-                       top_p < 1.f ? hist + chunk * QS_BINS : nullptr);
-  }
-  // the summary visible to the other blocks before the counter counts it (and, in the
-  // last block, theirs to it after)
-  __threadfence();
-  __syncthreads();
-  __shared__ unsigned ticket;
-  if (threadIdx.x == 0) ticket = atomicAdd(words, 1u);
-  __syncthreads();
-  if (ticket != static_cast<unsigned>(chunks - 1)) return;
-  __threadfence();
-  int token = qs_draw_from_chunks<T, V, TOPK>(x, row, c, top_p, seed, info, cand, cand_idx,
-                                              hist);
-  if (threadIdx.x == 0) tokens[row] = token;
+  if (qs_reduce(overflow, QsMax()) > 0.f) return qs_sample_row<T, V, TOPK>(x, c, top_p, seed);
+  const float* row = cand + static_cast<size_t>(base) * QS_SLOTS;
+  int slot = qs_sample_row<float, QS_CHUNKS(V) * QS_SLOTS, TOPK>(row, c, top_p, seed);
+  return cand_idx[base * QS_SLOTS + slot];
 }
 """
 
@@ -703,17 +507,23 @@ __device__ void qs_sample_chunks(const T* logits, float c, float top_p,
 _SAMPLE = """
   unsigned long long seed = qs_seed(key, next_key);
   const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
-  int token = qs_sample_row<T, V, TOPK>(x, blockIdx.x, params[0] * 1.4426950408889634f,
-                                        params[1], seed);
+  int token = qs_sample_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed);
   if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 """
 
-# The same from rows of more than one chunk, one block a chunk; scratch (B * QS_ROW_WORDS(V),)
-# zeroed by MLX (init_value).
-_CHUNKS = """
+# counts (B * chunks,), cand and cand_idx (B * chunks, SLOTS) from logits (B, V); one
+# block a chunk.
+_CHUNK = """
+  qs_chunk<T, V>(logits, counts, cand, cand_idx);
+"""
+
+# token (B,) and next_key from logits (B, V), key, params and _CHUNK's outputs.
+_CHUNKED = """
   unsigned long long seed = qs_seed(key, next_key);
-  qs_sample_chunks<T, V, TOPK>(logits, params[0] * 1.4426950408889634f, params[1], seed,
-                               scratch, tokens);
+  const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
+  int token = qs_chunked_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed,
+                                         counts, cand, cand_idx);
+  if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 """
 
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -735,8 +545,11 @@ def _kernels() -> dict[str, object]:
     return {
         "sample": hashed_kernel("sample", ["logits", "key", "params"], ["tokens", "next_key"],
                                 _SAMPLE, source),
-        "chunks": hashed_kernel("sample_chunks", ["logits", "key", "params"],
-                                ["tokens", "next_key", "scratch"], _CHUNKS, source),
+        "chunk": hashed_kernel("sample_chunk", ["logits"], ["counts", "cand", "cand_idx"],
+                               _CHUNK, source),
+        "chunked": hashed_kernel("sample_chunked",
+                                 ["logits", "key", "params", "counts", "cand", "cand_idx"],
+                                 ["tokens", "next_key"], _CHUNKED, source),
     }
 
 
@@ -746,16 +559,13 @@ def chunks(vocab: int, chunk_groups: int = CHUNK_GROUPS) -> int:
     return -(-groups // chunk_groups)
 
 
-def scratch_words(vocab: int, chunk_groups: int = CHUNK_GROUPS, slots: int = SLOTS) -> int:
-    """4-byte words of scratch a row takes in chunks (QS_ROW_WORDS)."""
-    return 4 + (4 + 2 * slots + BINS) * chunks(vocab, chunk_groups)
-
-
 def takes_chunks(vocab: int, top_k: int, chunk_groups: int = CHUNK_GROUPS,
                  candidates: int = CANDIDATES) -> bool:
-    """Whether a row goes in chunks, one block each: the row longer than one chunk and top-k
-    off or within the candidates a chunk keeps."""
-    return top_k <= candidates and chunks(vocab, chunk_groups) >= 2
+    """Whether top-k over a row goes in chunks (two kernels): the row longer than one
+    chunk and k within the candidates a chunk keeps. Temperature and top-p alone stay in
+    one kernel: a second launch cost an H100 more than the chunks saved (temperature at
+    151,936 logits: 27-41 us a draw in one kernel, 41-52 in two)."""
+    return 0 < top_k <= candidates and chunks(vocab, chunk_groups) >= 2
 
 
 def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0
@@ -770,16 +580,21 @@ def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0
                          f"{tuple(key.shape)}")
     batch, vocab = logits.shape
     top_k = top_k if 0 < top_k < vocab else 0
-    template = [("T", logits.dtype), ("V", vocab), ("TOPK", top_k)]
+    kernels = _kernels()
     if not takes_chunks(vocab, top_k):
-        return tuple(_kernels()["sample"](
-            inputs=[logits, key, params], template=template,
+        return tuple(kernels["sample"](
+            inputs=[logits, key, params],
+            template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
             grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
-    # init_value zeroes every output: the scratch's counters must start at 0
-    tokens, next_key, _ = _kernels()["chunks"](
-        inputs=[logits, key, params], template=template,
-        grid=(batch * chunks(vocab) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(batch,), (2,), (batch * scratch_words(vocab),)],
-        output_dtypes=[mx.int32, mx.uint32, mx.uint32], init_value=0)
-    return tokens, next_key
+    n = batch * chunks(vocab)
+    parts = kernels["chunk"](
+        inputs=[logits], template=[("T", logits.dtype), ("V", vocab)],
+        grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(n,), (n * SLOTS,), (n * SLOTS,)],
+        output_dtypes=[mx.uint32, mx.float32, mx.int32])
+    return tuple(kernels["chunked"](
+        inputs=[logits, key, params, *parts],
+        template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
+        grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
