@@ -247,6 +247,8 @@ KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CP
     "masked-chunks": dict(x=np.where(np.arange(320) % 3 == 0,
                                      np.random.default_rng(9).normal(size=320), -np.inf),
                           temperature=1.0, top_k=12, top_p=0.9),
+    # the whole top k in one chunk, the k-th its last candidate
+    "k-in-one-chunk": dict(x=np.arange(256) * 0.02, temperature=1.0, top_k=16, top_p=1.0),
     # a chunk's ties outnumber its slots: the whole row decides
     "tied-chunks": dict(x=np.where(np.arange(256) % 50 == 0, 1.0, 0.0), temperature=1.0,
                         top_k=3, top_p=0.8),

@@ -25,7 +25,7 @@ else.
 Top-k over a long row (more than one chunk of `CHUNK_GROUPS` groups: 2,048 logits; k up to
 `CANDIDATES`) goes in two kernels instead, so that its selection spreads over the GPU rather
 than one block's four passes over the row: one block a chunk keeps the chunk's `CANDIDATES`
-largest logits and their ties (a bitonic sort in shared memory), then one block a row runs
+largest logits and their ties (a radix select, then a prefix sum), then one block a row runs
 the steps above over the kept ones, which hold every token of the top k. A chunk whose ties
 outnumber its `SLOTS` sends the row back to the steps above.
 
@@ -431,56 +431,63 @@ __device__ inline unsigned long long qs_seed(const uint32_t* key, uint32_t* next
 #define QS_CHUNK (QS_CHUNK_GROUPS * QS_VEC)  // elements a chunk (a power of two)
 #define QS_CHUNKS(V) ((QS_GROUPS(V) + QS_CHUNK_GROUPS - 1) / QS_CHUNK_GROUPS)
 
-// One chunk of a row (block b of the row: chunk b): its QS_CANDIDATES largest logits and
-// every one tied with the last, in cand (their indices in cand_idx; -inf and -1 in the
-// slots left), and their count in counts (above QS_SLOTS: too many ties to keep, and the
-// slots stay empty). A bitonic sort of (key, position) pairs in shared memory.
+// The QS_CANDIDATES largest of the LEN logits at x (a chunk; the first of them is element
+// `first` of its row) and every one tied with the last, in cand (their indices in the row in
+// cand_idx; -inf and -1 in the slots left), and their count in *count (above QS_SLOTS: too
+// many ties to keep, and the slots stay empty). The least key kept by a radix select (four
+// passes of 256-bin histograms), then one group of 8 logits a thread, compacted by a prefix
+// sum of the kept per thread.
+template <typename T, int LEN>
+__device__ void qs_keep(const T* x, int first, unsigned* count, float* cand, int* cand_idx) {
+  static_assert(QS_CHUNK_GROUPS <= QS_THREADS, "a thread reads one group of a chunk");
+  const bool aligned = ql_aligned(x);
+  // the QS_CANDIDATES-th largest key (0, keeping all, where there are fewer)
+  const unsigned least = qs_select<T, LEN, true>(x, aligned, 0.f, 1.f, 0u,
+                                                 static_cast<float>(QS_CANDIDATES));
+  float v[QS_VEC];
+  unsigned kept = 0u;
+  if (threadIdx.x < QS_GROUPS(LEN)) {
+    qs_load<T, LEN>(x, threadIdx.x, aligned, v);
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      if (threadIdx.x * QS_VEC + j < LEN && qs_key(v[j]) >= least) kept |= 1u << j;
+    }
+  }
+  float all;
+  int at = static_cast<int>(qs_exclusive_scan(static_cast<float>(__popc(kept)), &all));
+  const int n = static_cast<int>(all);
+  if (threadIdx.x == 0) *count = static_cast<unsigned>(n);
+  if (n <= QS_SLOTS) {
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      if (kept & (1u << j)) {
+        cand[at] = v[j];
+        cand_idx[at] = first + threadIdx.x * QS_VEC + j;
+        ++at;
+      }
+    }
+  }
+  for (int i = (n <= QS_SLOTS ? n : 0) + threadIdx.x; i < QS_SLOTS; i += QS_THREADS) {
+    cand[i] = __int_as_float(0xff800000);
+    cand_idx[i] = -1;
+  }
+}
+
+// One chunk of a row (block b of the row: chunk b): qs_keep's candidates of the chunk, in
+// the chunk's QS_SLOTS slots of cand and cand_idx, their count in counts.
 template <typename T, int V>
 __device__ void qs_chunk(const T* logits, unsigned* counts, float* cand, int* cand_idx) {
   const int chunks = QS_CHUNKS(V);
   const int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
-  const T* x = logits + static_cast<size_t>(row) * V;
   const int first = chunk * QS_CHUNK;  // the chunk's first element
-  const int real = V - first < QS_CHUNK ? V - first : QS_CHUNK;
-  __shared__ unsigned long long pairs[QS_CHUNK];
-  for (int i = threadIdx.x; i < QS_CHUNK; i += QS_THREADS) {
-    // past the row's end: (0, 0), last in the order, and a position inside the row whatever
-    // is kept (the key 0 is also a NaN's)
-    pairs[i] = i < real ? (static_cast<unsigned long long>(qs_key(static_cast<float>(
-                              x[first + i]))) << 32) | static_cast<unsigned>(i)
-                        : 0ull;
-  }
-  __syncthreads();
-  for (int size = 2; size <= QS_CHUNK; size <<= 1) {  // descending order
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < QS_CHUNK; i += QS_THREADS) {
-        int j = i ^ stride;
-        if (j > i) {
-          unsigned long long a = pairs[i], b = pairs[j];
-          if ((i & size) == 0 ? a < b : a > b) {
-            pairs[i] = b;
-            pairs[j] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
-  unsigned least = real > QS_CANDIDATES ? static_cast<unsigned>(pairs[QS_CANDIDATES - 1] >> 32)
-                                        : 0u;
-  // the kept ones are a prefix of the sorted pairs: count it (up to QS_SLOTS + 1)
-  float kept = 0.f;
-  for (int i = threadIdx.x; i <= QS_SLOTS && i < real; i += QS_THREADS) {
-    kept += static_cast<unsigned>(pairs[i] >> 32) >= least ? 1.f : 0.f;
-  }
-  int count = static_cast<int>(qs_reduce(kept, QsAdd()));
+  const T* x = logits + static_cast<size_t>(row) * V + first;
   const int out = row * chunks + chunk;
-  if (threadIdx.x == 0) counts[out] = static_cast<unsigned>(count);
-  for (int i = threadIdx.x; i < QS_SLOTS; i += QS_THREADS) {
-    bool keep = i < count && count <= QS_SLOTS;
-    int at = first + static_cast<int>(pairs[i] & 0xffffffffu);
-    cand[out * QS_SLOTS + i] = keep ? static_cast<float>(x[at]) : __int_as_float(0xff800000);
-    cand_idx[out * QS_SLOTS + i] = keep ? at : -1;
+  constexpr int LAST = V - (QS_CHUNKS(V) - 1) * QS_CHUNK;  // the last chunk's length
+  if (chunk == chunks - 1) {
+    qs_keep<T, LAST>(x, first, counts + out, cand + out * QS_SLOTS, cand_idx + out * QS_SLOTS);
+  } else {
+    qs_keep<T, QS_CHUNK>(x, first, counts + out, cand + out * QS_SLOTS,
+                         cand_idx + out * QS_SLOTS);
   }
 }
 
