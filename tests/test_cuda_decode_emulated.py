@@ -24,13 +24,13 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def kernel_source(body: str, params: str, args: str, template: str, dtype: type) -> str:
     """cuda_decode's kernel `body` (a name) as a function of `params` (inputs, then outputs,
     as MLX declares them; TYPE for the element type), launched by `run(void** buffers,
-    unsigned blocks)` with the buffers in that order as `args`."""
+    unsigned blocks)` with the buffers in that order as `args`; compacted as MLX gets it."""
     header = cuda_decode._HEADER.replace("QL_THREADS THREADS", f"QL_THREADS {THREADS}")
     return f"""#include "cuda_emu.h"
-{header}
+{cuda_decode.compact(header)}
 template <typename T, {template}>
 void kernel({params.replace("TYPE", "T")}) {{
-{getattr(cuda_decode, body)}
+{cuda_decode.compact(getattr(cuda_decode, body))}
 }}
 
 extern "C" int run(void** p, unsigned blocks) {{
@@ -203,3 +203,9 @@ def test_emulated_rms_qkv_rope(root, dtype):
     _close(q, rotated[:, :nq], dtype)
     _close(k, rotated[:, nq:nq + nkv], dtype)
     _close(v, heads[:, nq + nkv:], dtype)
+
+
+def test_compact_drops_comments_indentation_and_blank_lines():
+    """What MLX gets of a kernel's source (the emulated kernels above are compacted too)."""
+    source = "#define A 8  // eight\n\n  // a comment line\n  int a = A;   \n    a += 1;\n"
+    assert cuda_decode.compact(source) == "#define A 8\nint a = A;\na += 1;\n"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -231,11 +232,22 @@ _ATTEND = """
 """
 
 
+def compact(source: str) -> str:
+    """CUDA source without its comments, indentation and blank lines. MLX copies a custom
+    kernel's source into every call's operation: on an H100 (MLX 0.32.4) a trivial kernel
+    with a 19 kB header took 14.9 us a call, 8.8 us without one. Our kernels' sources hold
+    no string literals and no block comments, which this does not parse."""
+    lines = (re.sub(r"//.*", "", line).strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
+
+
 def hashed_kernel(name: str, inputs: list[str], outputs: list[str], source: str,
                   header: str) -> object:
-    """`mx.fast.cuda_kernel` named after a hash of its code: MLX caches compiled kernels on
-    disk by name (the name plus the template values; MLX_PTX_CACHE_DIR, else under the
-    temporary directory), not by code, so an edited kernel must not reuse the name."""
+    """`mx.fast.cuda_kernel` of the compacted source, named after a hash of it: MLX caches
+    compiled kernels on disk by name (the name plus the template values; MLX_PTX_CACHE_DIR,
+    else under the temporary directory), not by code, so an edited kernel must not reuse
+    the name."""
+    source, header = compact(source), compact(header)
     digest = hashlib.sha256((header + source).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"qwen_lora_{name}_{digest}", input_names=inputs,
                                output_names=outputs, source=source, header=header)

@@ -68,7 +68,8 @@ class Sampler:
         if backend == "numpy":
             return mx.array(self.sample_numpy(np.asarray(logits.astype(mx.float32))))
         if backend == "cuda":
-            return self.sample_cuda(logits)
+            # the default backend checked the kernels' availability: not again (3.5 us)
+            return self._draw_cuda(logits) if self.backend is None else self.sample_cuda(logits)
         return self.sample_mlx(logits)
 
     @staticmethod
@@ -207,6 +208,9 @@ class Sampler:
         if not cuda_decode.available():
             raise RuntimeError("Sampler(backend='cuda') needs MLX's CUDA backend and "
                                "QWEN_LORA_CUDA_KERNELS not off")
+        return self._draw_cuda(logits)
+
+    def _draw_cuda(self, logits: mx.array) -> mx.array:
         if self.greedy:
             return self.sample_mlx(logits)  # an argmax
         if self._params is None:
