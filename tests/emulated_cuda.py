@@ -20,13 +20,10 @@ def build_library(source: str, root: Path) -> ctypes.CDLL:
     (root / f"{name}.cpp").write_text(source)
     proc = subprocess.run(
         # CUDA reads half values through a uint4 (16-byte loads): type punning that nvcc
-        # allows and g++'s strict aliasing does not. Without -fno-gnu-unique, the emulator's
-        # inline variables and the kernels' static locals would bind to the first library
-        # loaded's copies (unique symbols), and a cluster's shared memory, found by offsets
-        # in one library's thread-local storage, in another's
-        ["g++", "-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-fno-gnu-unique",
-         "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare",
-         f"-I{HERE}", f"{name}.cpp", "-o", f"{name}.so"],
+        # allows and g++'s strict aliasing does not
+        ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-Wall",
+         "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare", f"-I{HERE}", f"{name}.cpp",
+         "-o", f"{name}.so"],
         cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ctypes.CDLL(str(root / f"{name}.so"))

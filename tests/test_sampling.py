@@ -239,22 +239,19 @@ KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CP
                        top_p=1.0),
     "tiny-p": dict(x=np.array([0.2, 0.9, 0.1, 0.9]), temperature=1.0, top_k=0,
                    top_p=1e-45),  # rounds to 0: the most likely (tied) tokens only
-    # k at 16 over 200 logits, a last group of 8
+    # top-k over a row in chunks (tests/test_cuda_sampling_emulated.py's chunks of 64
+    # logits keeping 16): k at the candidates a chunk keeps, a last chunk of 8 logits
     "k-at-candidates": dict(x=np.random.default_rng(8).normal(size=200), temperature=1.0,
                             top_k=16, top_p=1.0),
-    # masked tokens (-inf) in every block's groups
+    # masked tokens (-inf) in every chunk, each with more finite logits than candidates
     "masked-chunks": dict(x=np.where(np.arange(320) % 3 == 0,
                                      np.random.default_rng(9).normal(size=320), -np.inf),
                           temperature=1.0, top_k=12, top_p=0.9),
-    # the whole top k in one block's groups
+    # the whole top k in one chunk, the k-th its last candidate
     "k-in-one-chunk": dict(x=np.arange(256) * 0.02, temperature=1.0, top_k=16, top_p=1.0),
-    # ties at the k-th, spread over the row
+    # a chunk's ties outnumber its slots: the whole row decides
     "tied-chunks": dict(x=np.where(np.arange(256) % 50 == 0, 1.0, 0.0), temperature=1.0,
                         top_k=3, top_p=0.8),
-    # top-k and top-p over every block of a cluster: the emulated clusters' 3 blocks of 64
-    # threads own groups of 8 logits in turn (a block's first 512, then the next block's)
-    "wide-k-p": dict(x=np.random.default_rng(10).normal(size=1700) * 2, temperature=0.7,
-                     top_k=12, top_p=0.7),
 }
 
 

@@ -1,34 +1,36 @@
-"""Temperature, top-k and top-p sampling in one CUDA kernel of our own, for MLX's CUDA backend.
+"""Temperature, top-k and top-p sampling in CUDA kernels of our own, for MLX's CUDA backend.
 
 MLX's top-p sorts the vocabulary (151,936 logits) and runs a dozen operations around the
 sort: ~0.46 ms a token on an H100, 17% of a decoding forward pass, where each evaluated
-operation costs microseconds of host time. Here one thread-block cluster per row (`CLUSTER`
-blocks, which read each other's shared memory) does it all in a few passes over the row,
-without sorting; each thread reads groups of 8 logits (16-byte loads) and owns every
-4,096th group of its row:
+operation costs microseconds of host time. Here one block of threads per row does it all
+in a few passes over the row, without sorting; each thread reads groups of 8 logits (16-byte
+loads) and owns every 512th group:
 
 - one pass: the row's maximum and each thread's sum of weights 2^((x - max) log2(e) / T),
-  online (a thread rescales its sum when its maximum grows), then a prefix sum over the row's
-  threads;
+  online (a thread rescales its sum when its maximum grows), then a block-wide prefix sum;
 - a draw (inverse transform): the thread whose prefix holds it is found by a reduction, and
   its warp walks that thread's groups, 32 at a time, with a warp prefix sum;
 - top-k: the k-th largest logit by a radix select (four passes of 256-bin histograms, one
-  shared-memory atomic per distinct bin of a warp, the blocks' histograms summed);
+  shared-memory atomic per distinct bin of a warp);
 - top-p by rejection: a drawn token is in the nucleus exactly when the tokens likelier than
   it hold less than top_p of the mass (one more pass), so a draw is kept with probability
   >= top_p. After `TRIES` misses (a tiny top_p over a flat distribution) a radix select over
   the weights finds the nucleus' smallest logit and the draw is made inside it.
 
-Every block of a row computes the same reductions in the same order, so all take the same
-decisions. Tokens tied with the nucleus' (or the k-th) last token belong to it, as in
-`Sampler`'s other implementations. Random numbers come from a counter-based hash of the
-sampler's key, row and draw; the kernel also returns the next key, so a call is one kernel and
-nothing else. One block a row (no cluster) took 13.5 us for temperature, 30 for top-p and
-47.5 + 32 (two kernels) for top-k at 151,936 float32 logits on an H100.
+Tokens tied with the nucleus' (or the k-th) last token belong to it, as in `Sampler`'s other
+implementations. Random numbers come from a counter-based hash of the sampler's key, row and
+draw; the kernel also returns the next key, so a call is one or two kernels and nothing
+else.
+
+Top-k over a long row (more than one chunk of `CHUNK_GROUPS` groups: 2,048 logits; k up to
+`CANDIDATES`) goes in two kernels instead, so that its selection spreads over the GPU rather
+than one block's four passes over the row: one block a chunk keeps the chunk's `CANDIDATES`
+largest logits and their ties (a radix select, then a prefix sum), then one block a row runs
+the steps above over the kept ones, which hold every token of the top k. A chunk whose ties
+outnumber its `SLOTS` sends the row back to the steps above.
 
 `Sampler`'s default on MLX's CUDA backend (`backend="cuda"`). Also tested without a GPU by
-tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads and
-clusters).
+tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads).
 """
 
 from __future__ import annotations
@@ -39,49 +41,22 @@ import mlx.core as mx
 
 from qwen_lora.cuda_decode import VECTOR_LOADS, hashed_kernel
 
-THREADS = 512  # per block
-CLUSTER = 8  # blocks a row: a thread-block cluster (8 is the most every GPU with them allows)
+THREADS = 512  # per block: one block a row (or a chunk of one)
 TRIES = 8  # rejection draws of top-p before the exact selection
+GROUP = 8  # logits a thread reads at once (QS_VEC)
+CHUNK_GROUPS = 256  # groups of 8 logits a chunk of a long row (2,048 logits), for top-k
+CANDIDATES = 64  # the largest logits a chunk keeps: top-k up to this k reads only them
+SLOTS = 128  # room a chunk has for them and the ties of the last
 
 _HEADER = VECTOR_LOADS + """
 #define QS_THREADS THREADS
-#define QS_CLUSTER CLUSTER
 #define QS_TRIES TRIES
+#define QS_CHUNK_GROUPS CHUNK_GROUPS
+#define QS_CANDIDATES CANDIDATES
+#define QS_SLOTS SLOTS
 #define QS_WARPS (QS_THREADS / 32)
-#define QS_ROW_THREADS (QS_CLUSTER * QS_THREADS)  // a row's threads: its cluster's blocks'
 #define QS_VEC 8  // a thread's elements come in groups of 8 (ql_load8): 16-byte loads
 #define QS_FULL 0xffffffffu
-
-#if QS_CLUSTER > 1
-// MLX declares the kernel after this header: its blocks come in clusters of QS_CLUSTER, a
-// size fixed at compile time, which an ordinary launch honours.
-#undef __global__
-#define __global__ __location__(global) __cluster_dims__(QS_CLUSTER, 1, 1)
-#endif
-
-__device__ inline int qs_rank() { return blockIdx.x % QS_CLUSTER; }  // the block in its row
-__device__ inline int qs_row() { return blockIdx.x / QS_CLUSTER; }
-__device__ inline int qs_tid() { return qs_rank() * QS_THREADS + threadIdx.x; }  // in the row
-
-// A barrier of every thread of the row's blocks: the shared memory they wrote before it is
-// visible to all of them after it.
-__device__ inline void qs_row_sync() {
-#if QS_CLUSTER > 1
-  cooperative_groups::this_cluster().sync();
-#else
-  __syncthreads();
-#endif
-}
-
-// The shared variable p of block `rank` of the row.
-template <typename P>
-__device__ inline P* qs_block(P* p, int rank) {
-#if QS_CLUSTER > 1
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  return p;
-#endif
-}
 
 // Float order as unsigned order (negative numbers reversed), for radix selection.
 __device__ inline unsigned qs_key(float f) {
@@ -105,8 +80,7 @@ __device__ inline float qs_uniform(unsigned long long key, unsigned row, unsigne
 struct QsAdd { __device__ float operator()(float a, float b) const { return a + b; } };
 struct QsMax { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
 
-// Reduces v over the row's threads; every thread gets the result (the blocks' results are
-// combined in the same order in every block).
+// Reduces v over the block; every thread gets the result.
 template <typename Op>
 __device__ inline float qs_reduce(float v, Op op) {
   __shared__ float part[QS_WARPS];
@@ -120,10 +94,9 @@ __device__ inline float qs_reduce(float v, Op op) {
     for (int w = 1; w < QS_WARPS; ++w) r = op(r, part[w]);
     result = r;
   }
-  qs_row_sync();
-  float r = *qs_block(&result, 0);
-  for (int b = 1; b < QS_CLUSTER; ++b) r = op(r, *qs_block(&result, b));
-  qs_row_sync();  // every block has read `result` before any writes it again
+  __syncthreads();
+  float r = result;
+  __syncthreads();
   return r;
 }
 
@@ -138,10 +111,9 @@ __device__ inline float qs_warp_scan(float v) {
   return v;
 }
 
-// The sum of v over the row's threads before this one (in qs_tid order), and over all.
+// The sum of v over the threads before this one (in thread order), and over all of them.
 __device__ inline float qs_exclusive_scan(float v, float* total) {
   __shared__ float part[QS_WARPS];
-  __shared__ float block_sum;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float incl = qs_warp_scan(v);
   if (lane == 31) part[warp] = incl;
@@ -151,21 +123,13 @@ __device__ inline float qs_exclusive_scan(float v, float* total) {
     if (w == warp) before = all;
     all += part[w];
   }
-  if (threadIdx.x == 0) block_sum = all;
-  qs_row_sync();
-  float earlier = 0.f, row = 0.f;  // the blocks before this one, and all
-  for (int b = 0; b < QS_CLUSTER; ++b) {
-    if (b == qs_rank()) earlier = row;
-    row += *qs_block(&block_sum, b);
-  }
-  qs_row_sync();
-  *total = row;
-  return earlier + before + incl - v;
+  __syncthreads();
+  *total = all;
+  return before + incl - v;
 }
 
-// Thread t of the row owns the groups t, t + QS_ROW_THREADS, t + 2 QS_ROW_THREADS, ... of
-// QS_VEC elements: each load of a warp is 512 contiguous bytes. Loads group g as floats,
-// -inf past the row's end.
+// Thread t owns the groups t, t + QS_THREADS, t + 2 QS_THREADS, ... of QS_VEC elements: each
+// load of a warp is 512 contiguous bytes. Loads group g as floats, -inf past the row's end.
 template <typename T, int V>
 __device__ inline void qs_load(const T* x, int g, bool aligned, float* v) {
   int base = g * QS_VEC;
@@ -181,17 +145,16 @@ __device__ inline void qs_load(const T* x, int g, bool aligned, float* v) {
 
 #define QS_GROUPS(V) (((V) + QS_VEC - 1) / QS_VEC)
 // A pass loads QS_UNROLL of a thread's groups before it uses any, so that more loads are in
-// flight (about 10% less time a draw on an H100, with one block a row).
+// flight for the one block of a row (about 10% less time a draw on an H100).
 #define QS_UNROLL 4
 
-// Groups g0, g0 + QS_ROW_THREADS, ... (QS_UNROLL of them) as floats; -inf past the row's
-// end.
+// Groups g0, g0 + QS_THREADS, ... (QS_UNROLL of them) as floats; -inf past the row's end.
 template <typename T, int V>
 __device__ inline void qs_load_batch(const T* x, int g0, bool aligned,
                                      float (*v)[QS_VEC]) {
 #pragma unroll
   for (int u = 0; u < QS_UNROLL; ++u) {
-    int g = g0 + u * QS_ROW_THREADS;
+    int g = g0 + u * QS_THREADS;
     if (g < QS_GROUPS(V)) {
       qs_load<T, V>(x, g, aligned, v[u]);
     } else {
@@ -238,8 +201,7 @@ __device__ inline void qs_hist_add(float* hist, unsigned pending, const unsigned
 }
 
 // The largest key t such that the weight of the keys >= t (of those >= kmin) reaches goal:
-// the count of them with COUNT, else their weights. Four passes of 256-bin histograms, one
-// a block, which every block sums.
+// the count of them with COUNT, else their weights. Four passes of 256-bin histograms.
 template <typename T, int V, bool COUNT>
 __device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsigned kmin,
                               float goal) {
@@ -253,12 +215,12 @@ __device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsign
     __syncthreads();
     unsigned high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
     // the same trips for all lanes (qs_hist_add is a warp's)
-    for (int g0 = 0; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_ROW_THREADS) {
+    for (int g0 = 0; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_THREADS) {
       float v[QS_UNROLL][QS_VEC];
-      qs_load_batch<T, V>(x, g0 + qs_tid(), aligned, v);
+      qs_load_batch<T, V>(x, g0 + threadIdx.x, aligned, v);
 #pragma unroll
       for (int u = 0; u < QS_UNROLL; ++u) {
-        int g = g0 + qs_tid() + u * QS_ROW_THREADS;
+        int g = g0 + threadIdx.x + u * QS_THREADS;
         unsigned bins[QS_VEC], pending = 0u;
 #pragma unroll
         for (int j = 0; j < QS_VEC; ++j) {
@@ -272,14 +234,13 @@ __device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsign
         qs_hist_add(hist, pending, bins, v[u]);
       }
     }
-    qs_row_sync();
+    __syncthreads();
     if (threadIdx.x < 32) {
       int lane = threadIdx.x;
       float bins[8], sum = 0.f;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        bins[j] = 0.f;
-        for (int b = 0; b < QS_CLUSTER; ++b) bins[j] += qs_block(hist, b)[8 * lane + j];
+        bins[j] = hist[8 * lane + j];
         sum += bins[j];
       }
       float suffix = sum;  // the weight of this lane's bins and all higher ones
@@ -301,21 +262,20 @@ __device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsign
     __syncthreads();
     prefix = chosen_prefix;
     above = chosen_above;
-    qs_row_sync();  // every block has read the histograms before the next pass clears them
+    __syncthreads();
   }
   return prefix;
 }
 
 // One pass over the row: its maximum (of the keys >= kmin), returned, and this thread's sum
 // of weights relative to it (`mine`), its exclusive prefix over the threads (`before`) and
-// the row's total. An online maximum: each thread rescales its sum when its maximum
-// grows.
+// the row's total. An online maximum: each thread rescales its sum when its maximum grows.
 template <typename T, int V>
 __device__ inline float qs_sums(const T* x, bool aligned, float c, unsigned kmin,
                                 float* mine, float* before, float* total) {
   const float ninf = __int_as_float(0xff800000);
   float m = ninf, s = 0.f;
-  for (int g0 = qs_tid(); g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_ROW_THREADS) {
+  for (int g0 = threadIdx.x; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_THREADS) {
     float v[QS_UNROLL][QS_VEC];
     qs_load_batch<T, V>(x, g0, aligned, v);
     float gm = ninf;
@@ -347,22 +307,21 @@ __device__ inline float qs_sums(const T* x, bool aligned, float c, unsigned kmin
 
 // The index where the running sum of weights (keys >= kmin, in the threads' order) passes
 // target: the warp of the thread whose range holds target walks that thread's groups, 32
-// at a time, and its block tells the others.
+// at a time.
 template <typename T, int V>
 __device__ int qs_pick(const T* x, bool aligned, float m, float c, unsigned kmin, float mine,
                        float before, float target) {
   __shared__ int picked;
-  float owner_f = qs_reduce(mine > 0.f && before <= target ? static_cast<float>(qs_tid())
+  float owner_f = qs_reduce(mine > 0.f && before <= target ? static_cast<float>(threadIdx.x)
                                                             : -1.f, QsMax());
   if (owner_f < 0.f) return 0;  // no positive weight (NaN logits): a valid index all the same
   int owner = static_cast<int>(owner_f), lane = threadIdx.x & 31;
-  const int owner_block = owner / QS_THREADS;
-  if (qs_rank() == owner_block && (threadIdx.x >> 5) == ((owner % QS_THREADS) >> 5)) {
+  if ((threadIdx.x >> 5) == (owner >> 5)) {
     float run = __shfl_sync(QS_FULL, before, owner & 31);
     int last = -1;  // the last positive weight, if rounding keeps run from passing target
     bool done = false;
-    for (int k0 = 0; !done && owner + k0 * QS_ROW_THREADS < QS_GROUPS(V); k0 += 32) {
-      int g = owner + (k0 + lane) * QS_ROW_THREADS;
+    for (int k0 = 0; !done && owner + k0 * QS_THREADS < QS_GROUPS(V); k0 += 32) {
+      int g = owner + (k0 + lane) * QS_THREADS;
       float w[QS_VEC], gs = 0.f;
       if (g < QS_GROUPS(V)) {
         qs_load<T, V>(x, g, aligned, w);
@@ -395,18 +354,18 @@ __device__ int qs_pick(const T* x, bool aligned, float m, float c, unsigned kmin
     }
     if (lane == 0) picked = last;
   }
-  qs_row_sync();
-  int r = *qs_block(&picked, owner_block);
-  qs_row_sync();
+  __syncthreads();
+  int r = picked;
+  __syncthreads();
   return r < 0 ? 0 : r;
 }
 
-// The weight of the keys above kp (of those >= kmin): one pass over the row.
+// The weight of the keys above kp (of those >= kmin), over the block: one pass over the row.
 template <typename T, int V>
 __device__ float qs_likelier(const T* x, bool aligned, float m, float c, unsigned kmin,
                              unsigned kp) {
   float likelier = 0.f;
-  for (int g0 = qs_tid(); g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_ROW_THREADS) {
+  for (int g0 = threadIdx.x; g0 < QS_GROUPS(V); g0 += QS_UNROLL * QS_THREADS) {
     float v[QS_UNROLL][QS_VEC];
     qs_load_batch<T, V>(x, g0, aligned, v);
 #pragma unroll
@@ -429,10 +388,10 @@ __device__ int qs_nucleus_pick(const T* x, bool aligned, float m, float c, unsig
   kmin = qs_select<T, V, false>(x, aligned, m, c, kmin, fmaxf(top_p * total, 1e-30f));
   m = qs_sums<T, V>(x, aligned, c, kmin, &mine, &before, &total);
   return qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
-                       qs_uniform(seed, qs_row(), QS_TRIES) * total);
+                       qs_uniform(seed, blockIdx.x, QS_TRIES) * total);
 }
 
-// A token of row x (its index) drawn by the row's blocks: from the TOPK largest logits where
+// A token of row x (its index) drawn by the whole block: from the TOPK largest logits where
 // TOPK > 0, from the nucleus of top_p where top_p < 1; c is log2(e) / temperature.
 template <typename T, int V, int TOPK>
 __device__ int qs_sample_row(const T* x, float c, float top_p, unsigned long long seed) {
@@ -443,11 +402,11 @@ __device__ int qs_sample_row(const T* x, float c, float top_p, unsigned long lon
   float m = qs_sums<T, V>(x, aligned, c, kmin, &mine, &before, &total);
   if (top_p >= 1.f) {
     return qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
-                         qs_uniform(seed, qs_row(), 0) * total);
+                         qs_uniform(seed, blockIdx.x, 0) * total);
   }
   for (int t = 0; t < QS_TRIES; ++t) {
     int pick = qs_pick<T, V>(x, aligned, m, c, kmin, mine, before,
-                             qs_uniform(seed, qs_row(), t) * total);
+                             qs_uniform(seed, blockIdx.x, t) * total);
     float likelier = qs_likelier<T, V>(x, aligned, m, c, kmin,
                                        qs_key(static_cast<float>(x[pick])));
     // the most likely tokens always belong (a top_p that rounds to 0 keeps them)
@@ -466,32 +425,154 @@ __device__ inline unsigned long long qs_seed(const uint32_t* key, uint32_t* next
   }
   return seed;
 }
+
+// ---- Top-k over a long row in two kernels: chunks of QS_CHUNK_GROUPS groups, one block
+// each, then one block a row over what the chunks kept.
+#define QS_CHUNK (QS_CHUNK_GROUPS * QS_VEC)  // elements a chunk (a power of two)
+#define QS_CHUNKS(V) ((QS_GROUPS(V) + QS_CHUNK_GROUPS - 1) / QS_CHUNK_GROUPS)
+
+// The QS_CANDIDATES largest of the LEN logits at x (a chunk; the first of them is element
+// `first` of its row) and every one tied with the last, in cand (their indices in the row in
+// cand_idx; -inf and -1 in the slots left), and their count in *count (above QS_SLOTS: too
+// many ties to keep, and the slots stay empty). The least key kept by a radix select (four
+// passes of 256-bin histograms), then one group of 8 logits a thread, compacted by a prefix
+// sum of the kept per thread.
+template <typename T, int LEN>
+__device__ void qs_keep(const T* x, int first, unsigned* count, float* cand, int* cand_idx) {
+  static_assert(QS_CHUNK_GROUPS <= QS_THREADS, "a thread reads one group of a chunk");
+  const bool aligned = ql_aligned(x);
+  // the QS_CANDIDATES-th largest key (0, keeping all, where there are fewer)
+  const unsigned least = qs_select<T, LEN, true>(x, aligned, 0.f, 1.f, 0u,
+                                                 static_cast<float>(QS_CANDIDATES));
+  float v[QS_VEC];
+  unsigned kept = 0u;
+  if (threadIdx.x < QS_GROUPS(LEN)) {
+    qs_load<T, LEN>(x, threadIdx.x, aligned, v);
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      if (threadIdx.x * QS_VEC + j < LEN && qs_key(v[j]) >= least) kept |= 1u << j;
+    }
+  }
+  float all;
+  int at = static_cast<int>(qs_exclusive_scan(static_cast<float>(__popc(kept)), &all));
+  const int n = static_cast<int>(all);
+  if (threadIdx.x == 0) *count = static_cast<unsigned>(n);
+  if (n <= QS_SLOTS) {
+#pragma unroll
+    for (int j = 0; j < QS_VEC; ++j) {
+      if (kept & (1u << j)) {
+        cand[at] = v[j];
+        cand_idx[at] = first + threadIdx.x * QS_VEC + j;
+        ++at;
+      }
+    }
+  }
+  for (int i = (n <= QS_SLOTS ? n : 0) + threadIdx.x; i < QS_SLOTS; i += QS_THREADS) {
+    cand[i] = __int_as_float(0xff800000);
+    cand_idx[i] = -1;
+  }
+}
+
+// One chunk of a row (block b of the row: chunk b): qs_keep's candidates of the chunk, in
+// the chunk's QS_SLOTS slots of cand and cand_idx, their count in counts.
+template <typename T, int V>
+__device__ void qs_chunk(const T* logits, unsigned* counts, float* cand, int* cand_idx) {
+  const int chunks = QS_CHUNKS(V);
+  const int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  const int first = chunk * QS_CHUNK;  // the chunk's first element
+  const T* x = logits + static_cast<size_t>(row) * V + first;
+  const int out = row * chunks + chunk;
+  constexpr int LAST = V - (QS_CHUNKS(V) - 1) * QS_CHUNK;  // the last chunk's length
+  if (chunk == chunks - 1) {
+    qs_keep<T, LAST>(x, first, counts + out, cand + out * QS_SLOTS, cand_idx + out * QS_SLOTS);
+  } else {
+    qs_keep<T, QS_CHUNK>(x, first, counts + out, cand + out * QS_SLOTS,
+                         cand_idx + out * QS_SLOTS);
+  }
+}
+
+// A token of the row whose chunks qs_chunk kept candidates of (the block's row), drawn by
+// the block with qs_sample_row over the candidates, which hold every token of the top k
+// (TOPK <= QS_CANDIDATES) and its ties; over the row where a chunk had too many ties.
+template <typename T, int V, int TOPK>
+__device__ int qs_chunked_row(const T* x, float c, float top_p, unsigned long long seed,
+                              const unsigned* counts, const float* cand, const int* cand_idx) {
+  const int chunks = QS_CHUNKS(V);
+  const int base = blockIdx.x * chunks;
+  float overflow = 0.f;
+  for (int i = threadIdx.x; i < chunks; i += QS_THREADS) {
+    overflow = fmaxf(overflow, counts[base + i] > QS_SLOTS ? 1.f : 0.f);
+  }
+  if (qs_reduce(overflow, QsMax()) > 0.f) return qs_sample_row<T, V, TOPK>(x, c, top_p, seed);
+  const float* row = cand + static_cast<size_t>(base) * QS_SLOTS;
+  int slot = qs_sample_row<float, QS_CHUNKS(V) * QS_SLOTS, TOPK>(row, c, top_p, seed);
+  return cand_idx[base * QS_SLOTS + slot];
+}
 """
 
 # token (B,) from logits (B, V); params = [1 / temperature, top_p]; key (2,) uint32 -> next_key.
-# One cluster of blocks a row.
 _SAMPLE = """
   unsigned long long seed = qs_seed(key, next_key);
-  const T* x = logits + static_cast<size_t>(qs_row()) * V;
+  const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
   int token = qs_sample_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed);
-  if (qs_rank() == 0 && threadIdx.x == 0) tokens[qs_row()] = token;
+  if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 """
 
+# counts (B * chunks,), cand and cand_idx (B * chunks, SLOTS) from logits (B, V); one
+# block a chunk.
+_CHUNK = """
+  qs_chunk<T, V>(logits, counts, cand, cand_idx);
+"""
+
+# token (B,) and next_key from logits (B, V), key, params and _CHUNK's outputs.
+_CHUNKED = """
+  unsigned long long seed = qs_seed(key, next_key);
+  const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
+  int token = qs_chunked_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed,
+                                         counts, cand, cand_idx);
+  if (threadIdx.x == 0) tokens[blockIdx.x] = token;
+"""
 
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
 
-def header(threads: int = THREADS, cluster: int = CLUSTER) -> str:
-    """The kernel's shared source at these sizes (the emulated tests take smaller ones)."""
+def header(threads: int = THREADS, chunk_groups: int = CHUNK_GROUPS,
+           candidates: int = CANDIDATES, slots: int = SLOTS) -> str:
+    """The kernels' shared source at these sizes (the emulated tests take smaller ones)."""
     return (_HEADER.replace("QS_THREADS THREADS", f"QS_THREADS {threads}")
-            .replace("QS_CLUSTER CLUSTER", f"QS_CLUSTER {cluster}")
-            .replace("QS_TRIES TRIES", f"QS_TRIES {TRIES}"))
+            .replace("QS_TRIES TRIES", f"QS_TRIES {TRIES}")
+            .replace("QS_CHUNK_GROUPS CHUNK_GROUPS", f"QS_CHUNK_GROUPS {chunk_groups}")
+            .replace("QS_CANDIDATES CANDIDATES", f"QS_CANDIDATES {candidates}")
+            .replace("QS_SLOTS SLOTS", f"QS_SLOTS {slots}"))
 
 
 @functools.cache
-def _kernel() -> object:
-    return hashed_kernel("sample", ["logits", "key", "params"], ["tokens", "next_key"],
-                         _SAMPLE, header())
+def _kernels() -> dict[str, object]:
+    source = header()
+    return {
+        "sample": hashed_kernel("sample", ["logits", "key", "params"], ["tokens", "next_key"],
+                                _SAMPLE, source),
+        "chunk": hashed_kernel("sample_chunk", ["logits"], ["counts", "cand", "cand_idx"],
+                               _CHUNK, source),
+        "chunked": hashed_kernel("sample_chunked",
+                                 ["logits", "key", "params", "counts", "cand", "cand_idx"],
+                                 ["tokens", "next_key"], _CHUNKED, source),
+    }
+
+
+def chunks(vocab: int, chunk_groups: int = CHUNK_GROUPS) -> int:
+    """Chunks of a row of `vocab` logits."""
+    groups = -(-vocab // GROUP)
+    return -(-groups // chunk_groups)
+
+
+def takes_chunks(vocab: int, top_k: int, chunk_groups: int = CHUNK_GROUPS,
+                 candidates: int = CANDIDATES) -> bool:
+    """Whether top-k over a row goes in chunks (two kernels): the row longer than one
+    chunk and k within the candidates a chunk keeps. Temperature and top-p alone stay in
+    one kernel: a second launch cost an H100 more than the chunks saved (temperature at
+    151,936 logits: 27-41 us a draw in one kernel, 41-52 in two)."""
+    return 0 < top_k <= candidates and chunks(vocab, chunk_groups) >= 2
 
 
 def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0
@@ -506,8 +587,21 @@ def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0
                          f"{tuple(key.shape)}")
     batch, vocab = logits.shape
     top_k = top_k if 0 < top_k < vocab else 0
-    return tuple(_kernel()(
-        inputs=[logits, key, params],
+    kernels = _kernels()
+    if not takes_chunks(vocab, top_k):
+        return tuple(kernels["sample"](
+            inputs=[logits, key, params],
+            template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
+            grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
+    n = batch * chunks(vocab)
+    parts = kernels["chunk"](
+        inputs=[logits], template=[("T", logits.dtype), ("V", vocab)],
+        grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(n,), (n * SLOTS,), (n * SLOTS,)],
+        output_dtypes=[mx.uint32, mx.float32, mx.int32])
+    return tuple(kernels["chunked"](
+        inputs=[logits, key, params, *parts],
         template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
-        grid=(batch * CLUSTER * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
