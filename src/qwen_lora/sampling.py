@@ -17,8 +17,6 @@ import numpy as np
 
 from qwen_lora import cuda_decode, cuda_sampling
 
-_Draw = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]  # (logits, key) -> (tokens, key)
-
 
 class Sampler:
     """Pick the next token from logits of shape (batch, vocab); returns int32 ids (batch,).
@@ -51,9 +49,9 @@ class Sampler:
         self.backend = backend
         self._rng = np.random.default_rng(seed)
         self._buffers: dict[tuple[int, int, type], np.ndarray] = {}
-        self._compiled: _Draw | None = None
+        self._compiled: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]] | None = None
         self._key = mx.random.key(seed if seed is not None else int(self._rng.integers(2**31)))
-        self._compiled_cuda: _Draw | None = None
+        self._params: mx.array | None = None  # the CUDA kernel's [1 / temperature, top_p]
 
     @property
     def greedy(self) -> bool:
@@ -213,19 +211,13 @@ class Sampler:
         return self._draw_cuda(logits)
 
     def _draw_cuda(self, logits: mx.array) -> mx.array:
-        """The kernel's draw inside a compiled function: a call replays its traced graph
-        instead of building the kernel's operation again (MLX copies the kernel's source into
-        each one it builds)."""
         if self.greedy:
             return self.sample_mlx(logits)  # an argmax
-        if self._compiled_cuda is None:
-            params = mx.array([1.0 / self.temperature, self.top_p], dtype=mx.float32)
-            top_k = self.top_k
-            self._compiled_cuda = mx.compile(
-                lambda x, key: cuda_sampling.sample(x, key, params, top_k))
+        if self._params is None:
+            self._params = mx.array([1.0 / self.temperature, self.top_p], dtype=mx.float32)
         if logits.dtype not in cuda_sampling.DTYPES:
             logits = logits.astype(mx.float32)
-        tokens, self._key = self._compiled_cuda(logits, self._key)
+        tokens, self._key = cuda_sampling.sample(logits, self._key, self._params, self.top_k)
         return tokens
 
 
