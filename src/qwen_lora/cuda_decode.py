@@ -28,6 +28,8 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_lora.backend import OFF_VALUES
+
 MAX_BATCH = 8  # sequences per kernel call; larger batches keep MLX's matmuls
 THREADS = 128  # per block (QL_THREADS in the kernels)
 HALF_TYPES = (mx.float16, mx.bfloat16)
@@ -282,7 +284,7 @@ def _launch(name: str, inputs: list[mx.array], blocks: int, outputs: list[tuple]
 def available() -> bool:
     """Whether MLX computes on a CUDA GPU here and QWEN_LORA_CUDA_KERNELS does not turn the
     kernels off."""
-    return _off_reason() is None
+    return _cuda_backend() and _off_reason() is None  # no CUDA: no environment lookup
 
 
 def status() -> str:
@@ -294,8 +296,6 @@ def status() -> str:
 
 
 def _off_reason() -> str | None:
-    from qwen_lora.backend import OFF_VALUES
-
     if os.environ.get("QWEN_LORA_CUDA_KERNELS", "").lower() in OFF_VALUES:
         return "QWEN_LORA_CUDA_KERNELS"
     if not _cuda_backend() or mx.default_device().type != mx.DeviceType.gpu:
