@@ -32,10 +32,11 @@ outnumber its `SLOTS` sends the row back to the steps above.
 Not thread-block clusters: one cluster of 8 blocks a row, reading each other's shared memory,
 cut the kernels to 12.0 / 18.8 / 47.7 us (temperature / top-p / top-k in one kernel) on an
 H100, but MLX (0.32) launches kernels through cached CUDA graphs that it updates in place, and
-an update keeps the node's former cluster shape: a cluster kernel updated from a plain one ran
-unclustered (wrong draws), and a plain kernel updated from a cluster one did not run at all
-(stale outputs). A compile-time cluster size (`__cluster_dims__`) is invisible to MLX's check
-for clusters, which looks only at captured graphs' launch attributes (8e4ff0b, reverted).
+an update keeps the cluster shape the graph was instantiated with: a plain kernel updated into
+a graph first run with the cluster kernel did not run at all (stale outputs), and the cluster
+kernel drew wrong tokens in a test process after other graphs of its shape. A compile-time
+cluster size (`__cluster_dims__`) is invisible to MLX's check for clusters, which looks only
+at captured graphs' launch attributes (8e4ff0b, reverted).
 
 `Sampler`'s default on MLX's CUDA backend (`backend="cuda"`). Also tested without a GPU by
 tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads).
