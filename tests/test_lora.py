@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from qwen_lora import AdapterError, Model, apply_lora, load, preset
+from qwen_lora import AdapterError, Model, apply_lora, cuda_decode, load, preset, save
 from qwen_lora.lora import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
+    LoRAAdapter,
     LoRALinear,
     adapter_weights,
     fuse_lora,
@@ -87,6 +88,38 @@ def test_fused_model_equals_base_plus_adapter(tiny_dir):
     assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
     assert not hasattr(model, "lora_config")
     assert mx.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_fused_layout_adapts_slices_of_the_fused_matmuls(tiny_dir, tmp_path):
+    """apply_lora(fuse=True), the default on GPUs: frozen q/k/v and gate/up fused, adapters on
+    their slices under the Hugging Face names; same function, parameters and adapter file."""
+    plain, fused = load(tiny_dir), load(tiny_dir)
+    apply_lora(plain, rank=4, alpha=8.0, targets=ALL, fuse=False)
+    apply_lora(fused, rank=4, alpha=8.0, targets=ALL, fuse=True)
+    randomize_adapters(plain)
+    fused.update(nn.utils.tree_unflatten(list(adapter_weights(plain).items())))
+    attn, mlp = fused.layers[1].self_attn, fused.layers[1].mlp
+    assert "qkv_proj" in attn and "gate_up_proj" in mlp
+    assert type(attn.q_proj) is LoRAAdapter and type(mlp.up_proj) is LoRAAdapter
+    assert isinstance(attn.o_proj, LoRALinear) and isinstance(mlp.down_proj, LoRALinear)
+    assert dict(tree_flatten(fused.trainable_parameters())).keys() == \
+        dict(tree_flatten(plain.trainable_parameters())).keys()
+    assert not cuda_decode.supports(fused.layers[0])
+    x = tokens(8)
+    for mode in ("eval", "train"):
+        getattr(plain, mode)()
+        getattr(fused, mode)()
+        assert mx.allclose(fused(x), plain(x), atol=1e-5), mode
+    with pytest.raises(ValueError, match="layer 0 self_attn.v_proj already has a LoRA adapter"):
+        apply_lora(fused, targets=["v_proj"], fuse=True)
+    save_adapter(fused, tmp_path / "a")
+    assert mx.allclose(load(tiny_dir, adapter_path=tmp_path / "a")(x), plain(x), atol=1e-5)
+    expected = plain(x)
+    fuse_lora(fused)
+    assert not any(isinstance(m, LoRAAdapter) for _, m in fused.named_modules())
+    assert "q_proj" not in fused.layers[0].self_attn and "up_proj" not in fused.layers[0].mlp
+    assert mx.allclose(fused(x), expected, atol=1e-5)
+    assert mx.allclose(load(save(fused, tmp_path / "merged"))(x), expected, atol=1e-5)
 
 
 def test_adapter_round_trip(tiny_dir, tmp_path):
@@ -210,9 +243,10 @@ def mlx_lm_model(model_dir: Path) -> nn.Module:
     return model
 
 
-def test_gradients_match_mlx_lm(tiny_dir):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gradients_match_mlx_lm(tiny_dir, fuse):
     ours = load(tiny_dir)
-    apply_lora(ours, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
+    apply_lora(ours, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"], fuse=fuse)
     randomize_adapters(ours, std=0.5)
     theirs = mlx_lm_model(tiny_dir)
     linear_to_lora_layers(theirs, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": [
@@ -233,10 +267,11 @@ def test_gradients_match_mlx_lm(tiny_dir):
         assert mx.allclose(grad, theirs_flat[name], rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("layers", [None, [0]])
-def test_our_adapter_loads_in_mlx_lm(tiny_dir, tmp_path, layers):
+@pytest.mark.parametrize("layers, fuse", [(None, False), ([0], False), (None, True)])
+def test_our_adapter_loads_in_mlx_lm(tiny_dir, tmp_path, layers, fuse):
     ours = load(tiny_dir)
-    apply_lora(ours, rank=4, alpha=6.0, targets=["q_proj", "k_proj", "up_proj"], layers=layers)
+    apply_lora(ours, rank=4, alpha=6.0, targets=["q_proj", "k_proj", "up_proj"], layers=layers,
+               fuse=fuse)
     randomize_adapters(ours, seed=5)
     save_adapter(ours, tmp_path / "a")
     theirs = load_adapters(mlx_lm_model(tiny_dir), str(tmp_path / "a"))
@@ -244,11 +279,12 @@ def test_our_adapter_loads_in_mlx_lm(tiny_dir, tmp_path, layers):
     assert mx.allclose(theirs(x), ours(x), atol=1e-4)
 
 
-@pytest.mark.parametrize("keys, num_layers", [
-    (["self_attn.k_proj", "mlp.up_proj"], 1),
-    (None, 16),  # mlx-lm's defaults: every linear layer, more layers than the model has
+@pytest.mark.parametrize("keys, num_layers, fused", [
+    (["self_attn.k_proj", "mlp.up_proj"], 1, False),
+    (None, 16, False),  # mlx-lm's defaults: every linear layer, more layers than the model has
+    (None, 16, True),  # into a model with fused projections
 ])
-def test_mlx_lm_adapter_loads_in_ours(tiny_dir, tmp_path, keys, num_layers):
+def test_mlx_lm_adapter_loads_in_ours(tiny_dir, tmp_path, keys, num_layers, fused):
     theirs = mlx_lm_model(tiny_dir)
     params = {"rank": 4, "scale": 10.0, "dropout": 0.0, **({"keys": keys} if keys else {})}
     linear_to_lora_layers(theirs, num_layers, params)
@@ -262,7 +298,9 @@ def test_mlx_lm_adapter_loads_in_ours(tiny_dir, tmp_path, keys, num_layers):
     config = {**CONFIG_DEFAULTS, "model": str(tiny_dir), "num_layers": num_layers,
               "lora_parameters": params, "adapter_path": str(out)}
     mlx_lm_utils.save_config(config, out / ADAPTER_CONFIG)
-    ours = load(tiny_dir, adapter_path=out)
+    ours = load_adapter(load(tiny_dir).fuse_projections(), out) if fused else \
+        load(tiny_dir, adapter_path=out)
+    assert ("qkv_proj" in ours.layers[0].self_attn) == fused
     cfg = ours.lora_config
     assert cfg["rank"] == 4 and cfg["alpha"] == 40.0
     assert cfg["targets"] == (["k_proj", "up_proj"] if keys else list(ALL))

@@ -317,7 +317,10 @@ def supports(layer: nn.Module) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
     linears = [attn.get("qkv_proj"), attn.get("o_proj"), mlp.get("gate_up_proj"),
                mlp.get("down_proj")]
-    if not all(type(p) is nn.Linear for p in linears):
+    # Beside a fused matmul, q/k/v or gate/up are LoRA adapters on its slices.
+    adapted = any(n in attn for n in ("q_proj", "k_proj", "v_proj")) or \
+        any(n in mlp for n in ("gate_proj", "up_proj"))
+    if adapted or not all(type(p) is nn.Linear for p in linears):
         return False
     qkv, o_proj, gate_up, down = linears
     dtype = qkv.weight.dtype

@@ -45,15 +45,24 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         rope = partial(mx.fast.rope, dims=self.head_dim, traditional=False,
                        base=self.rope_theta, scale=1.0, offset=offset)
-        if "qkv_proj" in self:  # one rotation of queries and keys together, no copies
+        if "qkv_proj" not in self:
+            q, k, v = (_biased(self[name], x) for name in ("q_proj", "k_proj", "v_proj"))
+        elif self.training or any(name in self for name in ("q_proj", "k_proj", "v_proj")):
+            # Adapters add to the split (in the fused layout q/k/v hold only LoRA adapters);
+            # mx.split's gradient is one concatenation, where slicing heads (below) would
+            # make a zeroed copy of the whole output per slice.
+            queries = self.n_heads * self.head_dim
+            parts = mx.split(_biased(self.qkv_proj, x),
+                             [queries, queries + self.n_kv_heads * self.head_dim], axis=-1)
+            q, k, v = _adapted(self, ("q_proj", "k_proj", "v_proj"), parts, x)
+        else:  # one rotation of queries and keys together, no copies
             heads = _biased(self.qkv_proj, x).reshape(batch, length, -1, self.head_dim)
             heads = heads.transpose(0, 2, 1, 3)
             rotated = self.n_heads + self.n_kv_heads
             qk = rope(heads[:, :rotated])
             return qk[:, :self.n_heads], qk[:, self.n_heads:], heads[:, rotated:]
-        q, k, v = (_biased(p, x).reshape(batch, length, n, -1).transpose(0, 2, 1, 3)
-                   for p, n in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads),
-                                (self.v_proj, self.n_kv_heads)))
+        q, k, v = (t.reshape(batch, length, n, -1).transpose(0, 2, 1, 3)
+                   for t, n in ((q, self.n_heads), (k, self.n_kv_heads), (v, self.n_kv_heads)))
         return rope(q), rope(k), v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Mask = None) -> mx.array:
@@ -71,10 +80,19 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
     def fuse(self) -> None:
-        """Replace q/k/v by one `qkv_proj`: one matmul instead of three per token."""
+        """Replace q/k/v by one `qkv_proj`: one matmul instead of three (`lora.apply_lora`
+        then adds adapters to its slices)."""
         if "qkv_proj" not in self:
             parts = [self.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
             self.qkv_proj = _concat_linears(parts)
+
+
+def _adapted(parent: nn.Module, names: tuple[str, ...], parts: list[mx.array],
+             x: mx.array) -> list[mx.array]:
+    """The fused matmul's `parts`, each plus the output of the LoRA adapter that `parent` holds
+    under its name (`lora.LoRAAdapter`), if any."""
+    return [part if name not in parent else part + parent[name](x).astype(part.dtype)
+            for name, part in zip(names, parts, strict=True)]
 
 
 def _biased(layer: nn.Module, x: mx.array) -> mx.array:
@@ -230,7 +248,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            gate, up = _adapted(self, ("gate_proj", "up_proj"),
+                                mx.split(self.gate_up_proj(x), 2, axis=-1), x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         # In training mode, backward recomputes silu from gate/up instead of storing two more
@@ -428,10 +447,11 @@ class Model(nn.Module):
         return self
 
     def fuse_projections(self) -> Model:
-        """Fuse q/k/v and gate/up into single matmuls, for inference (fewer, larger GEMVs).
+        """Fuse q/k/v and gate/up into single matmuls: fewer, larger GEMVs when decoding, and
+        fewer operations in a training step (`lora.apply_lora` fuses on GPUs).
 
-        LoRA and training need the Hugging Face layout, so this is opt-in
-        (`qwen_lora.load(..., fuse_projections=True)`); `save` writes HF names either way.
+        Opt-in for inference (`qwen_lora.load(..., fuse_projections=True)`); adapters on these
+        projections must be merged first (`fuse_lora`). `save` writes HF names either way.
         """
         for layer in self.layers:
             layer.self_attn.fuse()
