@@ -57,6 +57,10 @@ def test_supports_only_fused_plain_half_precision_layers(tiny_dir):
     assert cuda_decode.supports(adapted.layers[0])
     apply_lora(adapted, rank=4, targets=["o_proj"])
     assert not cuda_decode.supports(adapted.layers[0])
+    on_slices = qwen_lora.load(tiny_dir, dtype="float16", fuse_projections=True)
+    apply_lora(on_slices, rank=4, targets=["up_proj"], layers=[0])  # beside gate_up_proj
+    assert not cuda_decode.supports(on_slices.layers[0])
+    assert cuda_decode.supports(on_slices.layers[1])
 
 
 def test_kernels_refuse_batches_over_the_limit():

@@ -54,14 +54,16 @@ def _assert_same(results) -> None:
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["plain", "fused", "lora", "quantized", "untied"])
+@pytest.mark.parametrize("variant", ["plain", "fused", "lora", "lora_on_fused", "quantized",
+                                     "untied"])
 def test_step_equals_forward(tiny_dir, hf_untied, variant):
     # float32 on every device: the step matches the forward pass to rounding there (the
     # half-precision CUDA kernels of fused models are checked in test_cuda_decode.py)
     model = qwen_lora.load(hf_untied if variant == "untied" else tiny_dir, dtype="float32",
                            fuse_projections=variant == "fused")
-    if variant == "lora":
-        apply_lora(model, rank=4, targets=["q_proj", "v_proj", "o_proj", "down_proj"])
+    if variant.startswith("lora"):  # on the separate projections, or on fused ones' slices
+        apply_lora(model, rank=4, targets=["q_proj", "v_proj", "o_proj", "down_proj"],
+                   fuse=variant == "lora_on_fused")
         for layer in model.layers:  # B starts at zero: make the adapters count
             for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
                 proj.lora_b = mx.random.normal(proj.lora_b.shape, key=mx.random.key(1)) * 0.1
