@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from qwen_lora.backend import is_gpu
 from qwen_lora.config import ModelConfig
 from qwen_lora.errors import AdapterError, ModelLoadError, read_json_object
+from qwen_lora.model import linear_of
 from qwen_lora.weights import atomic_save_safetensors, atomic_write_text, check_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -88,13 +89,8 @@ class LoRALinear(LoRAAdapter):
     def fused(self) -> nn.Linear:
         """A plain linear layer whose weight includes the adapter's update."""
         weight = self.linear.weight
-        out_dims, in_dims = weight.shape
-        has_bias = "bias" in self.linear
-        fused = nn.Linear(in_dims, out_dims, bias=has_bias)
-        fused.weight = (weight.astype(mx.float32) + self.weight_delta()).astype(weight.dtype)
-        if has_bias:
-            fused.bias = self.linear.bias
-        return fused
+        merged = (weight.astype(mx.float32) + self.weight_delta()).astype(weight.dtype)
+        return linear_of(merged, self.linear.get("bias"))
 
 
 def _check(rank: int, alpha: float, dropout: float, targets: Sequence[str] | str) -> list[str]:

@@ -306,12 +306,20 @@ def _swiglu_grads(gate: mx.array, up: mx.array, cotangent: mx.array) -> tuple[mx
 def _concat_linears(parts: list[nn.Module]) -> nn.Linear:
     if not all(type(p) is nn.Linear for p in parts):
         raise ValueError("cannot fuse projections that carry LoRA adapters: fuse_lora first")
-    weight = mx.concatenate([p.weight for p in parts], axis=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in parts[0])
-    fused.weight = weight
-    if "bias" in parts[0]:
-        fused.bias = mx.concatenate([p.bias for p in parts], axis=0)
-    return fused
+    bias = mx.concatenate([p.bias for p in parts], axis=0) if "bias" in parts[0] else None
+    return linear_of(mx.concatenate([p.weight for p in parts], axis=0), bias)
+
+
+def linear_of(weight: mx.array, bias: mx.array | None = None) -> nn.Linear:
+    """An nn.Linear with these weights, made without nn.Linear's random initial weights: they
+    would advance MLX's global random state, and adapters added after fusing (or tokens
+    sampled after merging) would draw other values than with the same seed before."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
 
 
 def unfused_weights(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
