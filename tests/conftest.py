@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-import qwen_lora  # noqa: F401 - loads the fast BLAS before mlx.core
+# float32 matmuls in full float32 on CUDA too (MLX runs them at TF32 precision by default),
+# for the tests that compare float32 results to 1e-5; read by MLX at its first matmul.
+os.environ["MLX_ENABLE_TF32"] = "0"
+
+import qwen_lora  # noqa: E402, F401 - loads the fast BLAS before mlx.core
 from qwen_lora.weights import init_model_dir
 
 TINY_HF = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
