@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from qwen_lora.backend import OFF_VALUES
+from qwen_lora.model import GATE_UP_PARTS, QKV_PARTS
 
 MAX_BATCH = 8  # sequences per kernel call; larger batches keep MLX's matmuls
 THREADS = 128  # per block (QL_THREADS in the kernels)
@@ -318,8 +319,7 @@ def supports(layer: nn.Module) -> bool:
     linears = [attn.get("qkv_proj"), attn.get("o_proj"), mlp.get("gate_up_proj"),
                mlp.get("down_proj")]
     # Beside a fused matmul, q/k/v or gate/up are LoRA adapters on its slices.
-    adapted = any(n in attn for n in ("q_proj", "k_proj", "v_proj")) or \
-        any(n in mlp for n in ("gate_proj", "up_proj"))
+    adapted = any(n in attn for n in QKV_PARTS) or any(n in mlp for n in GATE_UP_PARTS)
     if adapted or not all(type(p) is nn.Linear for p in linears):
         return False
     qkv, o_proj, gate_up, down = linears

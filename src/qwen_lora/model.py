@@ -14,6 +14,9 @@ from qwen_lora.config import ModelConfig
 Mask = mx.array | str | None
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZE_GROUPS = (32, 64, 128)
+# The projections that `fuse` concatenates, in their order in the fused weight.
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+GATE_UP_PARTS = ("gate_proj", "up_proj")
 
 
 class Attention(nn.Module):
@@ -46,15 +49,15 @@ class Attention(nn.Module):
         rope = partial(mx.fast.rope, dims=self.head_dim, traditional=False,
                        base=self.rope_theta, scale=1.0, offset=offset)
         if "qkv_proj" not in self:
-            q, k, v = (_biased(self[name], x) for name in ("q_proj", "k_proj", "v_proj"))
-        elif self.training or any(name in self for name in ("q_proj", "k_proj", "v_proj")):
+            q, k, v = (_biased(self[name], x) for name in QKV_PARTS)
+        elif self.training or any(name in self for name in QKV_PARTS):
             # Adapters add to the split (in the fused layout q/k/v hold only LoRA adapters);
             # mx.split's gradient is one concatenation, where slicing heads (below) would
             # make a zeroed copy of the whole output per slice.
             queries = self.n_heads * self.head_dim
             parts = mx.split(_biased(self.qkv_proj, x),
                              [queries, queries + self.n_kv_heads * self.head_dim], axis=-1)
-            q, k, v = _adapted(self, ("q_proj", "k_proj", "v_proj"), parts, x)
+            q, k, v = _adapted(self, QKV_PARTS, parts, x)
         else:  # one rotation of queries and keys together, no copies
             heads = _biased(self.qkv_proj, x).reshape(batch, length, -1, self.head_dim)
             heads = heads.transpose(0, 2, 1, 3)
@@ -83,7 +86,7 @@ class Attention(nn.Module):
         """Replace q/k/v by one `qkv_proj`: one matmul instead of three (`lora.apply_lora`
         then adds adapters to its slices)."""
         if "qkv_proj" not in self:
-            parts = [self.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+            parts = [self.pop(name) for name in QKV_PARTS]
             self.qkv_proj = _concat_linears(parts)
 
 
@@ -248,8 +251,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = _adapted(self, ("gate_proj", "up_proj"),
-                                mx.split(self.gate_up_proj(x), 2, axis=-1), x)
+            gate, up = _adapted(self, GATE_UP_PARTS, mx.split(self.gate_up_proj(x), 2, axis=-1), x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         # In training mode, backward recomputes silu from gate/up instead of storing two more
@@ -267,7 +269,7 @@ class MLP(nn.Module):
     def fuse(self) -> None:
         """Replace gate/up by one `gate_up_proj`."""
         if "gate_up_proj" not in self:
-            self.gate_up_proj = _concat_linears([self.pop("gate_proj"), self.pop("up_proj")])
+            self.gate_up_proj = _concat_linears([self.pop(name) for name in GATE_UP_PARTS])
 
 
 @partial(mx.compile, shapeless=True)
