@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from qwen_lora.backend import is_gpu
 from qwen_lora.config import ModelConfig
 from qwen_lora.errors import AdapterError, ModelLoadError, read_json_object
-from qwen_lora.model import GATE_UP_PARTS, QKV_PARTS, linear_of
+from qwen_lora.model import GATE_UP_PARTS, QKV_PARTS, fused_splits, linear_of
 from qwen_lora.weights import atomic_save_safetensors, atomic_write_text, check_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -170,16 +170,17 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
 def _fuse_frozen_projections(model: nn.Module) -> None:
     """Fuse q/k/v and gate/up of every layer where they are plain linear layers (not adapted
     or quantized yet), evaluating each fused weight so the separate ones are freed at once."""
+    splits = fused_splits(model.config)
     for layer in model.layers:
-        for parent, group in _fusable_groups(layer):
-            if all(type(parent.get(name)) is nn.Linear for name in group):
+        for parent, fused in _fusable(layer):
+            if all(type(parent.get(name)) is nn.Linear for name in splits[fused][0]):
                 parent.fuse()
                 mx.eval(parent.parameters())
 
 
-def _fusable_groups(layer: nn.Module) -> tuple[tuple[nn.Module, tuple[str, ...]], ...]:
-    """(module, the projections of it that `fuse` concatenates) for attention and the MLP."""
-    return (layer.self_attn, QKV_PARTS), (layer.mlp, GATE_UP_PARTS)
+def _fusable(layer: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
+    """(module, the fused projection its `fuse` makes) for attention and the MLP."""
+    return (layer.self_attn, "qkv_proj"), (layer.mlp, "gate_up_proj")
 
 
 def projection_dims(config: ModelConfig, target: str) -> tuple[int, int]:
@@ -353,13 +354,14 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
 
 def fuse_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight, leaving a plain model (for saving/speed)."""
+    splits = fused_splits(model.config)
     for layer in model.layers:
         fused = [(name, module.fused()) for name, module in layer.named_modules()
                  if isinstance(module, LoRALinear)]
         if fused:
             layer.update_modules(tree_unflatten(fused))
-        for parent, group in _fusable_groups(layer):
-            _merge_into_fused(parent, group, model.config)
+        for parent, fused_name in _fusable(layer):
+            _merge_into_fused(parent, fused_name, *splits[fused_name])
     if hasattr(model, "lora_config"):
         object.__delattr__(model, "lora_config")
     model.unfreeze()
@@ -367,22 +369,21 @@ def fuse_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge_into_fused(parent: nn.Module, group: Sequence[str], config: ModelConfig) -> None:
-    """Add the `LoRAAdapter`s of `group` (the parts of one fused matmul, in order) to their
-    slices of its weight, and remove them."""
-    adapters = [parent.get(name) for name in group]
+def _merge_into_fused(parent: nn.Module, fused_name: str, parts: Sequence[str],
+                      points: list[int]) -> None:
+    """Add the `LoRAAdapter`s of `parts` (the projections that `parent`'s `fused_name`
+    concatenates, split at rows `points`) to their slices of its weight, and remove them."""
+    adapters = [parent.get(name) for name in parts]
     if not any(isinstance(a, LoRAAdapter) for a in adapters):
         return
-    linear = parent[FUSED_INTO[group[0]]]
+    linear = parent[fused_name]
     if type(linear) is not nn.Linear:
         raise ValueError(f"cannot merge adapters into a {type(linear).__name__} (quantized?): "
                          "merge them before quantizing")
-    sizes = [projection_dims(config, name)[1] for name in group]
-    points = [sum(sizes[:j]) for j in range(1, len(sizes))]
     dtype = linear.weight.dtype
     blocks = mx.split(linear.weight, points, axis=0)
     for j, adapter in enumerate(adapters):
         if adapter is not None:
             blocks[j] = (blocks[j].astype(mx.float32) + adapter.weight_delta()).astype(dtype)
-            parent.pop(group[j])
+            parent.pop(parts[j])
     linear.weight = mx.concatenate(blocks, axis=0)

@@ -324,23 +324,28 @@ def linear_of(weight: mx.array, bias: mx.array | None = None) -> nn.Linear:
     return linear
 
 
+def fused_splits(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], list[int]]]:
+    """For each fused projection (`qkv_proj`, `gate_up_proj`): the projections it concatenates,
+    in order, and the rows of its weight where the second and later ones start."""
+    queries = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return {"qkv_proj": (QKV_PARTS, [queries, queries + kv]),
+            "gate_up_proj": (GATE_UP_PARTS, [config.intermediate_size])}
+
+
 def unfused_weights(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
     """Map fused `qkv_proj` / `gate_up_proj` tensors back to Hugging Face's names."""
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
-    splits = {"self_attn.qkv_proj": (["q_proj", "k_proj", "v_proj"], [q_size, q_size + kv_size]),
-              "mlp.gate_up_proj": (["gate_proj", "up_proj"], 2)}
+    splits = fused_splits(config)
     out = {}
     for name, array in weights.items():
-        for fused, (names, points) in splits.items():
-            if f".{fused}." in name:
-                prefix, leaf = name.split(f".{fused}.")
-                parent = fused.split(".")[0]
-                for part, piece in zip(names, mx.split(array, points, axis=0), strict=True):
-                    out[f"{prefix}.{parent}.{part}.{leaf}"] = piece
-                break
-        else:
+        module, _, leaf = name.rpartition(".")
+        prefix, _, fused = module.rpartition(".")
+        if fused not in splits:
             out[name] = array
+            continue
+        parts, points = splits[fused]
+        for part, piece in zip(parts, mx.split(array, points, axis=0), strict=True):
+            out[f"{prefix}.{part}.{leaf}"] = piece
     return out
 
 
