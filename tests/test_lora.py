@@ -80,6 +80,31 @@ def test_apply_lora_targets_layers_and_errors(tiny_dir):
         apply_lora(fresh, dropout=1.0)
 
 
+def test_apply_lora_adds_every_adapter_in_one_call_or_changes_nothing(tiny_dir):
+    """A second call would freeze the first call's adapters and describe only its own in the
+    adapter config (a save that does not load): refused. A missing target is found before
+    anything changes."""
+    model = load32(tiny_dir)
+    apply_lora(model, rank=4, targets="o_proj", layers=[1])
+    before = dict(tree_flatten(model.trainable_parameters()))
+    with pytest.raises(ValueError, match="layers.1.self_attn.o_proj already has a LoRA "
+                                         "adapter: apply_lora adds every adapter in one call"):
+        apply_lora(model, rank=4, targets="q_proj", layers=[0])
+    assert dict(tree_flatten(model.trainable_parameters())).keys() == before.keys()
+    assert model.lora_config["targets"] == ["o_proj"]
+    assert not any(isinstance(m, LoRAAdapter) for _, m in model.layers[0].named_modules())
+
+    for fuse in (False, True):
+        fresh = load32(tiny_dir)
+        del fresh.layers[1].mlp["gate_proj"]
+        total = len(tree_flatten(fresh.trainable_parameters()))
+        with pytest.raises(ValueError, match="layer 1 has no mlp.gate_proj to adapt"):
+            apply_lora(fresh, targets="q_proj,gate_proj", fuse=fuse)
+        assert len(tree_flatten(fresh.trainable_parameters())) == total  # not frozen
+        assert type(fresh.layers[0].self_attn.q_proj) is nn.Linear  # not adapted, not fused
+        assert "qkv_proj" not in fresh.layers[0].self_attn
+
+
 def test_fused_model_equals_base_plus_adapter(tiny_dir):
     model = load32(tiny_dir)
     apply_lora(model, rank=4, alpha=8.0, targets=ALL)
@@ -115,8 +140,8 @@ def test_fused_layout_adapts_slices_of_the_fused_matmuls(tiny_dir, tmp_path):
         getattr(plain, mode)()
         getattr(fused, mode)()
         assert mx.allclose(fused(x), plain(x), atol=1e-5), mode
-    with pytest.raises(ValueError, match="layer 0 self_attn.v_proj already has a LoRA adapter"):
-        apply_lora(fused, targets=["v_proj"], fuse=True)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj already has a LoRA"):
+        apply_lora(fused, targets=["q_proj"], fuse=True)
     save_adapter(fused, tmp_path / "a")
     assert mx.allclose(load32(tiny_dir, adapter_path=tmp_path / "a")(x), plain(x), atol=1e-5)
     expected = plain(x)

@@ -141,30 +141,44 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     """
     names = _check(rank, alpha, dropout, targets)
     indices = _layer_indices(model, layers)
+    _check_unadapted(model, indices, names)  # before anything changes
     if fuse if fuse is not None else is_gpu():
         _fuse_frozen_projections(model)
     model.freeze()
     for i in indices:
         layer = model.layers[i]
         for name in names:
-            path = TARGETS[name]
-            parent_name, leaf = path.split(".")
+            parent_name, leaf = TARGETS[name].split(".")
             parent = layer[parent_name]
             if FUSED_INTO.get(name) in parent:  # a slice of a fused, frozen matmul
-                if leaf in parent:
-                    raise ValueError(f"layer {i} {path} already has a LoRA adapter")
                 in_dims, out_dims = projection_dims(model.config, name)
                 setattr(parent, leaf, LoRAAdapter(in_dims, out_dims, rank, alpha, dropout))
-                continue
-            module = _module(layer, path)
-            if isinstance(module, LoRAAdapter):
-                raise ValueError(f"layer {i} {path} already has a LoRA adapter")
-            setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
+            else:
+                setattr(parent, leaf, LoRALinear(parent[leaf], rank, alpha, dropout))
     # A plain attribute, not a module child: it must stay out of the parameter tree.
     object.__setattr__(model, "lora_config", {
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": names,
         "layers": indices})
     return model
+
+
+def _check_unadapted(model: nn.Module, indices: list[int], names: list[str]) -> None:
+    """Raise unless every target of the chosen layers exists (alone or as a slice of a fused
+    projection) and the model has no adapters yet: one apply_lora call adds them all, since
+    one adapter config (rank, alpha, targets, layers) describes them, and a second call's
+    freeze would stop the first call's adapters from training."""
+    adapted = [path for path, module in model.named_modules() if isinstance(module, LoRAAdapter)]
+    if adapted:
+        raise ValueError(f"{min(adapted)} already has a LoRA adapter: apply_lora adds every "
+                         f"adapter in one call, to a model without any")
+    for i in indices:
+        layer = model.layers[i]
+        for name in names:
+            parent_name, leaf = TARGETS[name].split(".")
+            parent = layer.get(parent_name)
+            if not isinstance(parent, nn.Module) or (
+                    leaf not in parent and FUSED_INTO.get(name) not in parent):
+                raise ValueError(f"layer {i} has no {TARGETS[name]} to adapt")
 
 
 def _fuse_frozen_projections(model: nn.Module) -> None:
@@ -259,15 +273,6 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
             "layers": raw.get("layers"), "num_layers": raw.get("num_layers"),
             "base_model": raw.get("base_model")}
-
-
-def _module(layer: nn.Module, path: str) -> nn.Module:
-    module = layer
-    for part in path.split("."):
-        if not isinstance(module, nn.Module) or part not in module:
-            raise ValueError(f"the model has no {path} to adapt")
-        module = module[part]
-    return module
 
 
 def _read_tensors(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, mx.array]:
