@@ -234,11 +234,14 @@ def test_sampling_overhead_is_judged_on_draws_that_share_an_evaluation(tmp_path,
     # alone at both vocabularies, shared at the model's, its share of the 4 ms forward pass
     assert row(text, "Top-p (p=0.9)")[1:5] == ["60.0 ± 6.0", "285 ± 28", "10.0 ± 1.0", "0.25%"]
     assert "- Shared: the time a draw adds to an evaluation it shares" in text
+    assert row(text, "Sampling: Top-p (p=0.9), shared")[2] == "4 results"
 
 
 def test_sampling_alone_where_no_shared_draws_were_measured(report):
     assert "- One draw evaluated alone (`inference.Sampling.time_sample`" in report
     assert row(report, "Top-p (p=0.9)")[1:4] == ["60.0 ± 6.0", "285 ± 28", "1.50%"]
+    assert row(report, "Sampling: Top-p (p=0.9), shared")[2] == \
+        "none (older results: `inference.Sampling.time_sample` stands in)"
 
 
 def test_kv_cache_formula_beside_the_measured_bytes(report):

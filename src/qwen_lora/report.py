@@ -1126,7 +1126,11 @@ def section_map(ctx: Context) -> list[str]:
     def has(bench: str, **p: Any) -> str:
         found = [m for params, m in ctx.rs.series(bench)
                  if all(params.get(k) == v for k, v in p.items())]
-        return f"{len(found)} results" if found else "**no result**"
+        if found:
+            return f"{len(found)} results"
+        if bench == SAMPLE_SHARED:  # results from before it: the draws alone stand in
+            return f"none (older results: `{SAMPLE_ALONE}` stands in)"
+        return "**no result**"
 
     rows = []
     for label, bench in SEED_MAP:
@@ -1153,6 +1157,8 @@ SEED_MAP = [
     ("KV cache: With Cache", "inference.KVCacheVsRecompute.time_token mode='kv_cache'"),
     *[(f"Sampling: {STRATEGY_NAMES[s]}",
        f"inference.Sampling.time_sample strategy='{s}'") for s in STRATEGIES],
+    *[(f"Sampling: {STRATEGY_NAMES[s]}, shared", f"{SAMPLE_SHARED} strategy='{s}'")
+      for s in STRATEGIES],
     ("Sampling: % of Forward Pass", "inference.ForwardPass.time_forward"),
     ("Peak memory: Model Load", "memory.PeakMemory.track_model_load"),
     ("Peak memory: Forward Pass", "memory.PeakMemory.track_forward"),
