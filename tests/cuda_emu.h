@@ -177,6 +177,18 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   return mask;
 }
 
+// The lanes of this warp whose v equals this lane's.
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+  int warp = threadIdx.x >> 5;
+  emu::exchange[threadIdx.x] = v;
+  emu::arrive(1 + warp);
+  unsigned mask = 0;
+  for (int l = 0; l < 32; ++l) {
+    if (static_cast<unsigned>(emu::exchange[warp * 32 + l]) == v) mask |= 1u << l;
+  }
+  emu::arrive(1 + warp);
+  return mask;
+}
 inline float atomicAdd(float* p, float v) {
   float old = *p;
   *p = old + v;

@@ -152,7 +152,7 @@ def test_emulated_cases_take_both_paths():
     paths = {name: chunked(len(case["x"]), case["top_k"]) for name, case in KERNEL_CASES.items()}
     assert paths["top-k"] and paths["top-k-top-p"] and paths["tied-chunks"]
     assert paths["k-at-candidates"] and paths["masked-chunks"]
-    assert not paths["temperature"] and not paths["tied-k"]
+    assert not paths["temperature"] and not paths["tied-k"] and not paths["wide-k"]
 
 
 def test_emulated_kernel_rows_and_keys(build):

@@ -252,6 +252,10 @@ KERNEL_CASES = {  # the kernel's distribution tests, here on a GPU and on the CP
     # a chunk's ties outnumber its slots: the whole row decides
     "tied-chunks": dict(x=np.where(np.arange(256) % 50 == 0, 1.0, 0.0), temperature=1.0,
                         top_k=3, top_p=0.8),
+    # top-k above the candidates a chunk keeps, over a row longer than the selects that
+    # finish with __match_any_sync (QS_SPREAD_MAX; 512 at the emulated tests' sizes)
+    "wide-k": dict(x=np.random.default_rng(12).normal(size=600), temperature=1.0, top_k=20,
+                   top_p=1.0),
 }
 
 

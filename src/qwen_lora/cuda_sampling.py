@@ -153,6 +153,11 @@ __device__ inline void qs_load(const T* x, int g, bool aligned, float* v) {
 }
 
 #define QS_GROUPS(V) (((V) + QS_VEC - 1) / QS_VEC)
+// Counting selects over rows up to this long (a chunk, the chunks' candidates) finish their
+// histograms' spread-out bins with __match_any_sync; longer rows' with the warp's loop alone.
+// On an H100 (151,936 logits): top-k's chunks 45 -> 16 us, its draw over the candidates
+// 32 -> 28 us, but a whole row's select (k above the candidates) 99 -> 112 us.
+#define QS_SPREAD_MAX (8 * QS_CHUNK_GROUPS * QS_VEC)
 // A pass loads QS_UNROLL of a thread's groups before it uses any, so that more loads are in
 // flight for the one block of a row (about 10% less time a draw on an H100).
 #define QS_UNROLL 4
@@ -178,15 +183,30 @@ __device__ inline float qs_weight(float v, float m, float c, unsigned kmin) {
   return qs_key(v) >= kmin ? exp2f((v - m) * c) : 0.f;
 }
 
-// hist[bins[j]] += vals[j] for the bits j of `pending`, over the warp: one shared-memory
-// atomic per distinct bin of the warp's elements, not one per element (logits crowd into a
-// few bins of their top byte, where atomics on one address serialize: 4 ms a top-k over
-// 151,936 logits on an H100 with one atomic per element).
-__device__ inline void qs_hist_add(float* hist, unsigned pending, const unsigned* bins,
-                                   const float* vals) {
+// hist[bins[j]] += 1 for the bits j of `pending`, over the warp: for each j, the lanes with
+// the same bin found at once (__match_any_sync), one shared-memory atomic per distinct bin.
+__device__ inline void qs_hist_count(float* hist, unsigned pending, const unsigned* bins) {
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < QS_VEC; ++j) {
+    unsigned b = (pending >> j) & 1u ? bins[j] : 0xffffffffu;  // not a bin: not pending
+    unsigned same = __match_any_sync(QS_FULL, b);
+    if (b != 0xffffffffu && lane == __ffs(same) - 1) {
+      atomicAdd(&hist[b], static_cast<float>(__popc(same)));
+    }
+  }
+}
+
+// hist[bins[j]] += vals[j] for the bits j of `pending`, over the warp, a distinct bin of
+// the warp's elements at a time (at most `rounds` of them, where rounds >= 0): one
+// shared-memory atomic per bin, its lanes summed by shuffles, not one per element (logits
+// crowd into a few bins of their top byte, where atomics on one address serialize: 4 ms a
+// top-k over 151,936 logits on an H100 with one atomic per element). Returns what is left.
+__device__ inline unsigned qs_hist_add(float* hist, unsigned pending, const unsigned* bins,
+                                       const float* vals, int rounds = -1) {
   int lane = threadIdx.x & 31;
   unsigned todo = __ballot_sync(QS_FULL, pending != 0u);
-  while (todo) {
+  for (; todo && rounds != 0; --rounds) {
     int leader = __ffs(todo) - 1;
     unsigned first = 0u;  // the bin of this lane's first pending element
 #pragma unroll
@@ -207,6 +227,7 @@ __device__ inline void qs_hist_add(float* hist, unsigned pending, const unsigned
     if (lane == leader) atomicAdd(&hist[b], s);
     todo = __ballot_sync(QS_FULL, pending != 0u);
   }
+  return pending;
 }
 
 // The largest key t such that the weight of the keys >= t (of those >= kmin) reaches goal:
@@ -240,7 +261,14 @@ __device__ unsigned qs_select(const T* x, bool aligned, float m, float c, unsign
             v[u][j] = COUNT ? 1.f : exp2f((v[u][j] - m) * c);
           }
         }
-        qs_hist_add(hist, pending, bins, v[u]);
+        if (COUNT && V <= QS_SPREAD_MAX) {
+          // a few distinct bins (crowded logits) one at a time; where more are left (the
+          // later digits, spread out), an element at a time
+          pending = qs_hist_add(hist, pending, bins, v[u], 4);
+          if (__ballot_sync(QS_FULL, pending != 0u)) qs_hist_count(hist, pending, bins);
+        } else {
+          qs_hist_add(hist, pending, bins, v[u]);
+        }
       }
     }
     __syncthreads();
