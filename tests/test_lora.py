@@ -94,7 +94,12 @@ def test_apply_lora_adds_every_adapter_in_one_call_or_changes_nothing(tiny_dir):
     assert model.lora_config["targets"] == ["o_proj"]
     assert not any(isinstance(m, LoRAAdapter) for _, m in model.layers[0].named_modules())
 
-    for fuse in (False, True):
+    for fuse in (False, True):  # a target named twice is adapted once
+        twice = apply_lora(load32(tiny_dir), targets="v_proj,self_attn.v_proj", fuse=fuse)
+        assert twice.lora_config["targets"] == ["v_proj"]
+        assert type(twice.layers[0].self_attn.v_proj) is (LoRAAdapter if fuse else LoRALinear)
+        assert len(adapter_weights(twice)) == 2 * len(twice.layers)
+
         fresh = load32(tiny_dir)
         del fresh.layers[1].mlp["gate_proj"]
         total = len(tree_flatten(fresh.trainable_parameters()))

@@ -102,7 +102,8 @@ def _check(rank: int, alpha: float, dropout: float, targets: Sequence[str] | str
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if isinstance(targets, str):
         targets = targets.split(",")
-    names = [t.strip().split(".")[-1] for t in targets]
+    # short names, each once ("q_proj,self_attn.q_proj" adapts q_proj once)
+    names = list(dict.fromkeys(t.strip().split(".")[-1] for t in targets))
     unknown = [t for t in names if t not in TARGETS]
     if unknown or not names:
         raise ValueError(f"unknown LoRA target {unknown[0] if unknown else '(none)'!r}; "
