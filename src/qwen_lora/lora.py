@@ -142,7 +142,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     """
     names = _check(rank, alpha, dropout, targets)
     indices = _layer_indices(model, layers)
-    _check_unadapted(model, indices, names)  # before anything changes
+    _check_adaptable(model, indices, names)  # before anything changes
     if fuse if fuse is not None else is_gpu():
         _fuse_frozen_projections(model)
     model.freeze()
@@ -163,7 +163,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     return model
 
 
-def _check_unadapted(model: nn.Module, indices: list[int], names: list[str]) -> None:
+def _check_adaptable(model: nn.Module, indices: list[int], names: list[str]) -> None:
     """Raise unless every target of the chosen layers exists (alone or as a slice of a fused
     projection) and the model has no adapters yet: one apply_lora call adds them all, since
     one adapter config (rank, alpha, targets, layers) describes them, and a second call's
