@@ -6,11 +6,11 @@
 #
 #   scripts/gpu-asv.sh MACHINE_NAME 'asv --bench regex' [more asv run options]
 #
-# Results land in results/MACHINE_NAME/ and are copied to $OUT with the log. asv writes them
-# only when the run ends (a run cut by a timeout leaves nothing), and it merges a run into the
-# commit's result file only where that file is there: each call gets a fresh copy of this
-# tree, so a suite split over several calls needs each call's result file copied back here
-# (results/MACHINE_NAME/) before the next call.
+# Results land in results/MACHINE_NAME/; this commit's result file is copied to $OUT with the
+# log. asv writes them only when the run ends (a run cut by a timeout leaves nothing), and it
+# merges a run into the commit's result file only where that file is there: each call gets a
+# fresh copy of this tree, so a suite split over several calls needs each call's result file
+# copied back here (results/MACHINE_NAME/) before the next call.
 set -euo pipefail
 machine=$1; bench=$2; shift 2
 # The bundle names the commit, even where the copy there has an older .git of its own.
@@ -30,5 +30,9 @@ export QWEN_LORA_WORKLOAD=default
 asv machine --machine "$machine" --yes >/dev/null
 asv run -E "existing:$python" --set-commit-hash "$(git rev-parse HEAD)" --show-stderr \
     --bench "$bench" "$@" 2>&1 | tee -a "${OUT:-/tmp}/asv-$machine.log" | tail -n 60
-mkdir -p "${OUT:-/tmp}/results"
-cp -r "results/$machine" results/benchmarks.json "${OUT:-/tmp}/results/"
+# Only this run's result file and the machine's: $OUT brings back a limited number of files,
+# fewer than the committed results of this machine.
+mkdir -p "${OUT:-/tmp}/results/$machine"
+cp "results/$machine/$(git rev-parse HEAD | cut -c1-8)"-*.json "results/$machine/machine.json" \
+    "${OUT:-/tmp}/results/$machine/"
+cp results/benchmarks.json "${OUT:-/tmp}/results/"
