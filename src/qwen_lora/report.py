@@ -689,7 +689,8 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
         shared_text,
         f"- % of Forward Pass: the strategy at the model's vocabulary ({vocab:,}), "
         f"{'shared' if shared else 'alone'}, over one decoding forward pass with a "
-        f"{w['prompt']}-token cache (`inference.ForwardPass.time_forward`: {fwd_text})",
+        f"{w['prompt']}-token cache, as each library's generation runs it (qwen_lora's compiled "
+        f"decoding step, mlx-lm's model call; `inference.ForwardPass.time_forward`: {fwd_text})",
         *([f"- The % columns are {runs}"] if runs else []),
         "",
         *table(s_header, s_rows),
