@@ -331,24 +331,32 @@ def judge(rs: ResultSet, vocab: int) -> list[Verdict]:
     out.append(Verdict("KV-Cache Speedup", ">= 2x vs recompute",
                        "n/a" if speedup is None else f"{speedup:.1f}x",
                        None if speedup is None else speedup >= 2.0, f"`{bench}`"))
-    forward = _v(rs.get("inference.ForwardPass.time_forward", implementation=QWEN_LORA))
     sampling = sampling_overhead_benchmark(rs)
-    shares = {s: _v(rs.get(sampling, implementation=QWEN_LORA, strategy=s, vocabulary=vocab))
-              for s in STRATEGIES}
-    shares = {s: v / forward for s, v in shares.items() if v is not None and forward}
+    shares = sampling_shares(rs, QWEN_LORA, vocab)
     worst = max(shares, key=shares.get) if shares else None
-    runs = _across_runs(rs, sampling, "inference.ForwardPass.time_forward")
+    runs = _across_runs(rs, sampling, FORWARD)
     out.append(Verdict("Sampling Overhead", "< 1% of forward",
                        "n/a" if worst is None else
                        f"{shares[worst]:.2%} (worst: {STRATEGY_NAMES[worst]}, vocabulary "
                        f"{vocab:,}{'; ' + runs if runs else ''})",
                        None if worst is None else shares[worst] < 0.01,
-                       f"`{sampling}` / `inference.ForwardPass.time_forward`"))
+                       f"`{sampling}` / `{FORWARD}`"))
     return out
 
 
 SAMPLE_ALONE = "inference.Sampling.time_sample"
 SAMPLE_SHARED = "inference.Sampling.time_overhead"
+FORWARD = "inference.ForwardPass.time_forward"  # the decoding forward pass sampling shares
+
+
+def sampling_shares(rs: ResultSet, impl: str, vocab: int) -> dict[str, float]:
+    """Each strategy's draw over `vocab` logits as a share of the implementation's decoding
+    forward pass (the strategies both were measured for)."""
+    forward = _v(rs.get(FORWARD, implementation=impl))
+    sampling = sampling_overhead_benchmark(rs)
+    draws = {s: _v(rs.get(sampling, implementation=impl, strategy=s, vocabulary=vocab))
+             for s in STRATEGIES}
+    return {s: v / forward for s, v in draws.items() if v is not None and forward}
 
 
 def sampling_overhead_benchmark(rs: ResultSet) -> str:
@@ -611,7 +619,8 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
             row += [fmt_time(m, "ms"), fmt_rate(m),
                     "1.0x" if mode == "recompute" else fmt_ratio(base, _v(m))]
         kv_rows.append(row)
-    forward = {i: ctx.m("inference.ForwardPass.time_forward", i) for i in (QWEN_LORA, MLX_LM)}
+    forward = {i: ctx.m(FORWARD, i) for i in (QWEN_LORA, MLX_LM)}
+    shares = {i: sampling_shares(ctx.rs, i, vocab) for i in (QWEN_LORA, MLX_LM)}
     vocabularies = sorted({p.get("vocabulary") for p, _ in
                            ctx.rs.series(SAMPLE_ALONE)} - {None}) or [32000, 151936]
     sampling = sampling_overhead_benchmark(ctx.rs)
@@ -630,11 +639,11 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
                                           vocabulary=v), "us"))
             s = ctx.m(sampling, impl, strategy=strategy, vocabulary=vocab)
             row += [fmt_time(s, "us")] if shared else []
-            f = forward[impl]
-            row.append("n/a" if s is None or f is None else f"{s.value / f.value:.2%}")
+            share = shares[impl].get(strategy)
+            row.append("n/a" if share is None else f"{share:.2%}")
         s_rows.append(row)
     fwd_text = ", ".join(f"{NAMES[i]} {fmt_time(forward[i])} ms" for i in forward)
-    runs = _across_runs(ctx.rs, sampling, "inference.ForwardPass.time_forward")
+    runs = _across_runs(ctx.rs, sampling, FORWARD)
     shared_text = (
         f"- Shared: the time a draw adds to an evaluation it shares (`{SAMPLE_SHARED}`: "
         "draws evaluated together, per draw), as a decoding step's draw shares the step's one "
@@ -690,7 +699,7 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
         f"- % of Forward Pass: the strategy at the model's vocabulary ({vocab:,}), "
         f"{'shared' if shared else 'alone'}, over one decoding forward pass with a "
         f"{w['prompt']}-token cache, as each library's generation runs it (qwen_lora's compiled "
-        f"decoding step, mlx-lm's model call; `inference.ForwardPass.time_forward`: {fwd_text})",
+        f"decoding step, mlx-lm's model call; `{FORWARD}`: {fwd_text})",
         *([f"- The % columns are {runs}"] if runs else []),
         "",
         *table(s_header, s_rows),
@@ -1160,7 +1169,7 @@ SEED_MAP = [
        f"inference.Sampling.time_sample strategy='{s}'") for s in STRATEGIES],
     *[(f"Sampling: {STRATEGY_NAMES[s]}, shared", f"{SAMPLE_SHARED} strategy='{s}'")
       for s in STRATEGIES],
-    ("Sampling: % of Forward Pass", "inference.ForwardPass.time_forward"),
+    ("Sampling: % of Forward Pass", FORWARD),
     ("Peak memory: Model Load", "memory.PeakMemory.track_model_load"),
     ("Peak memory: Forward Pass", "memory.PeakMemory.track_forward"),
     ("Peak memory: Training Step", "memory.PeakMemory.track_train_step"),
