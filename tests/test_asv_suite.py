@@ -165,6 +165,47 @@ def test_kv_cache_track_equals_the_formula(tmp_path):
     assert got["mlx_lm"] == got["formula"]
 
 
+FORWARD_PROBE = """
+import json, sys
+from pathlib import Path
+import mlx.core as mx
+from benchmarks import common
+from benchmarks.inference import ForwardPass
+model_dir = str(common.write_model_dir(Path(sys.argv[1]), common.W.model))
+out = {}
+for impl in common.MLX_IMPLEMENTATIONS:
+    bench = ForwardPass()
+    bench.setup(model_dir, impl)
+    offset = bench.cache[0].offset
+    bench.time_forward(model_dir, impl)
+    grown = bench.cache[0].offset
+    bench.teardown(model_dir, impl)
+    step = bench.call(bench.token, cache=bench.cache).reshape(-1)
+    bench.teardown(model_dir, impl)
+    plain = bench.model(bench.token, cache=bench.cache)[0, -1]
+    bench.teardown(model_dir, impl)
+    out[impl] = {"call": type(bench.call).__name__, "offsets": [offset, grown,
+                 bench.cache[0].offset], "gap": mx.abs(step - plain).max().item()}
+print(json.dumps(out))
+"""
+
+
+def test_forward_pass_times_each_librarys_decoding_step(tmp_path):
+    """The sampling target's denominator: qwen_lora's compiled decoding step (what its
+    generation runs), which computes what the model call does; mlx-lm's model call; every
+    sample at the prompt's length."""
+    proc = subprocess.run([sys.executable, "-c", FORWARD_PROBE, str(tmp_path / "model")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QWEN_LORA_WORKLOAD": "small"})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["qwen_lora"]["call"] == "DecodeStep"
+    assert got["mlx_lm"]["call"] == "Model"
+    for impl in ("qwen_lora", "mlx_lm"):
+        assert got[impl]["offsets"] == [32, 33, 32], impl
+    assert got["qwen_lora"]["gap"] < 1e-3
+
+
 def test_config_builds_every_commit_and_pins_the_environment():
     conf = load_json_with_comments(REPO / "asv.conf.json")
     assert conf["environment_type"] == "virtualenv" and conf["branches"] == ["main"]
