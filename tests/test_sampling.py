@@ -274,6 +274,34 @@ def test_cuda_kernel_draws_from_the_expected_distribution(name, dtype):
     assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
 
 
+# Rows of several chunks of 2,048 logits (9,000): top-k in chunks (two kernels), the other
+# strategies over the whole row by one block, a flat row with a tiny top_p by the exact
+# selection after the rejection draws miss.
+LONG_CASES = {
+    "temperature": dict(seed=20, scale=2.0, temperature=1.5, top_k=0, top_p=1.0),
+    "top-p": dict(seed=21, scale=3.0, temperature=0.7, top_k=0, top_p=0.9),
+    "top-k": dict(seed=22, scale=2.0, temperature=1.0, top_k=40, top_p=1.0),
+    "top-k-top-p": dict(seed=23, scale=2.0, temperature=1.0, top_k=30, top_p=0.5),
+    "flat-top-p": dict(seed=24, scale=0.01, temperature=1.0, top_k=0, top_p=0.02),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(LONG_CASES))
+def test_cuda_kernel_draws_long_rows_from_the_expected_distribution(name):
+    case = LONG_CASES[name]
+    x = (np.random.default_rng(case["seed"]).normal(size=9000) * case["scale"]).astype(
+        np.float32)
+    assert cuda_sampling.chunks(len(x)) > 2
+    want = expected_distribution(x, case["temperature"], case["top_k"], case["top_p"])
+    counts = kernel_draws(x, case["temperature"], case["top_k"], case["top_p"])
+    n = counts.sum()
+    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
+    got = counts / n
+    sigma = np.sqrt(want * (1 - want) / n)
+    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+
+
 @needs_cuda
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (50, 1.0), (50, 0.9)])
 def test_cuda_kernel_over_qwens_vocabulary(top_k, top_p):
