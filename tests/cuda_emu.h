@@ -203,6 +203,6 @@ inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
-struct uint4 {
+struct alignas(16) uint4 {  // as CUDA's (__align__(16)): a misaligned 16-byte load traps
   unsigned x, y, z, w;
 };

@@ -21,7 +21,10 @@ def build_library(source: str, root: Path) -> ctypes.CDLL:
     proc = subprocess.run(
         # CUDA reads half values through a uint4 (16-byte loads): type punning that nvcc
         # allows and g++'s strict aliasing does not
-        ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-Wall",
+        # -fsanitize=alignment: a 16-byte load from an address that is not a multiple of 16
+        # faults on a GPU ("misaligned address"); here UBSan stops the process instead
+        ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-fsanitize=alignment",
+         "-fno-sanitize-recover=alignment", "-shared", "-fPIC", "-Wall",
          "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare", f"-I{HERE}", f"{name}.cpp",
          "-o", f"{name}.so"],
         cwd=root, capture_output=True, text=True)

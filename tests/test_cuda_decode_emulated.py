@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +211,29 @@ def test_compact_drops_comments_indentation_and_blank_lines():
     """What MLX gets of a kernel's source (the emulated kernels above are compacted too)."""
     source = "#define A 8  // eight\n\n  // a comment line\n  int a = A;   \n    a += 1;\n"
     assert cuda_decode.compact(source) == "#define A 8\nint a = A;\na += 1;\n"
+
+
+@pytest.mark.parametrize("offset, fails", [(0, False), (4, True)])
+def test_emulator_stops_at_a_misaligned_vector_load(tmp_path, offset, fails):
+    """A 16-byte load (ql_load8's) from an address that is not a multiple of 16 faults on a
+    GPU; the emulated kernels stop there too (UBSan's alignment check), in a process of their
+    own here: a float's offset from an aligned buffer fails, none passes."""
+    source = f"""#include "cuda_emu.h"
+{cuda_decode.compact(cuda_decode.VECTOR_LOADS)}
+extern "C" float run() {{
+  alignas(16) static float x[12] = {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}};
+  float out[8];
+  ql_load8(reinterpret_cast<const float*>(reinterpret_cast<const char*>(x) + {offset}), true,
+           out);
+  return out[0];
+}}
+"""
+    lib = build_library(source, tmp_path)
+    script = (f"import ctypes; lib = ctypes.CDLL({lib._name!r}); "
+              "lib.run.restype = ctypes.c_float; print(lib.run())")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (proc.returncode != 0) == fails, proc.stderr[-2000:]
+    if fails:
+        assert "misaligned" in proc.stderr
+    else:
+        assert proc.stdout.strip() == "0.0"

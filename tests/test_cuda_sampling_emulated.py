@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 from emulated_cuda import CTYPES, build_library
-from test_sampling import KERNEL_CASES, expected_distribution
+from test_sampling import KERNEL_CASES, assert_drawn_from, expected_distribution
 
 from qwen_lora import cuda_sampling
 from qwen_lora.cuda_decode import compact
@@ -140,11 +140,7 @@ def test_emulated_kernel_draws_from_the_expected_distribution(build, name, dtype
         assert ((tokens >= 0) & (tokens < len(x))).all()
         counts += np.bincount(tokens, minlength=len(x))
         key = tuple(int(k) for k in next_key)
-    n = counts.sum()
-    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
-    got = counts / n
-    sigma = np.sqrt(want * (1 - want) / n)
-    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+    assert_drawn_from(counts, want)
 
 
 def test_emulated_cases_take_both_paths():

@@ -202,6 +202,16 @@ def expected_distribution(x: np.ndarray, temperature: float, top_k: int, top_p: 
     return w / w.sum()
 
 
+def assert_drawn_from(counts: np.ndarray, want: np.ndarray) -> None:
+    """Token counts against a distribution: none outside its support, and each token's share
+    within 5 standard deviations (plus 2 draws) of its probability."""
+    n = counts.sum()
+    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
+    got = counts / n
+    sigma = np.sqrt(want * (1 - want) / n)
+    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+
+
 def kernel_draws(x: np.ndarray, temperature: float, top_k: int, top_p: float,
                  dtype=mx.float32, rows: int = 2048, calls: int = 10) -> np.ndarray:
     """Token counts of rows x calls draws (each row of a call is an independent draw)."""
@@ -267,11 +277,7 @@ def test_cuda_kernel_draws_from_the_expected_distribution(name, dtype):
     x = np.array(mx.array(case["x"].astype(np.float32)).astype(dtype).astype(mx.float32))
     want = expected_distribution(x, case["temperature"], case["top_k"], case["top_p"])
     counts = kernel_draws(x, case["temperature"], case["top_k"], case["top_p"], dtype)
-    n = counts.sum()
-    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
-    got = counts / n
-    sigma = np.sqrt(want * (1 - want) / n)
-    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+    assert_drawn_from(counts, want)
 
 
 # Rows of several chunks of 2,048 logits (9,000): top-k in chunks (two kernels), the other
@@ -295,11 +301,7 @@ def test_cuda_kernel_draws_long_rows_from_the_expected_distribution(name):
     assert cuda_sampling.chunks(len(x)) > 2
     want = expected_distribution(x, case["temperature"], case["top_k"], case["top_p"])
     counts = kernel_draws(x, case["temperature"], case["top_k"], case["top_p"])
-    n = counts.sum()
-    assert counts[want == 0].sum() == 0, "a token outside the top-k / nucleus was drawn"
-    got = counts / n
-    sigma = np.sqrt(want * (1 - want) / n)
-    assert np.all(np.abs(got - want) <= 5 * sigma + 2 / n), np.abs(got - want).max()
+    assert_drawn_from(counts, want)
 
 
 @needs_cuda
