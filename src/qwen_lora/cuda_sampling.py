@@ -44,9 +44,10 @@ the row's last block to finish (a counter in a scratch input) drew from those. C
 on an H100 (chained draws of 151,936 logits, same process) 0.79x / 0.90x / 0.97x the speed of
 these kernels (temperature / top-p / top-k). A draw's time there is mostly MLX's cost of a
 kernel call: an empty kernel of the same signature took 18 us a chained draw on an H200's
-host, this one 30-59. Padding the key, params and tokens past MLX's pool of arrays of up to
+host, this one 30-68. Padding the key, params and tokens past MLX's pool of arrays of up to
 8 bytes (unified memory, which moves between host and GPU) changed these kernels' draws by
-under 4% on the H100; an atomic counter in that pool cost 80 us a draw on the H200.
+2-4.5% on the H100 (within the probe's noise); an atomic counter in that pool cost 80 us a
+draw on the H200.
 
 `Sampler`'s default on MLX's CUDA backend (`backend="cuda"`). Also tested without a GPU by
 tests/test_cuda_sampling_emulated.py (this source run on the CPU with emulated threads).
