@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
-from qwen_lora.model import attention_cpu, attention_cpu_blocks
+from qwen_lora.model import attention_cpu, attention_cpu_blocks, rope_one_position
 
 KEYS = mx.random.split(mx.random.key(0), 4)
 Q = mx.random.normal((2, 14, 9, 64), key=KEYS[0]) * 2
@@ -95,3 +96,14 @@ def test_prompt_attention_on_the_cpu_takes_blocks(monkeypatch, hf_tied):
     mx.eval(model(mx.array([[1, 5, 9, 2, 7]]), cache=cache))
     mx.eval(model(mx.array([[3]]), cache=cache))
     assert calls == [5] * len(model.layers)
+
+
+@pytest.mark.parametrize("offset", [0, 7, 1000, 32767])
+def test_rope_one_position_equals_mlx_rope(offset):
+    """The decoding step's elementwise rotation against mx.fast.rope, at an int offset and at
+    the array offset the compiled step passes."""
+    x = mx.random.normal((2, 16, 1, 64), key=mx.random.key(offset))
+    want = mx.fast.rope(x, 64, traditional=False, base=1e6, scale=1.0, offset=offset)
+    for at in (offset, mx.array(offset, dtype=mx.int32)):
+        np.testing.assert_allclose(np.array(rope_one_position(x, 1e6, at)), np.array(want),
+                                   atol=1e-6, rtol=1e-6)
