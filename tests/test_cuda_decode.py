@@ -15,7 +15,7 @@ from qwen_lora.config import preset
 from qwen_lora.decode import DecodeStep, decode_step
 from qwen_lora.generate import prefill
 from qwen_lora.lora import apply_lora
-from qwen_lora.model import DecoderLayer
+from qwen_lora.model import DecoderLayer, rope_frequencies
 from qwen_lora.weights import init_model_dir
 
 needs_cuda = pytest.mark.skipif(not cuda_decode.available(),
@@ -131,7 +131,7 @@ def test_kernels_equal_mlx_operations(sizes, dtype, batch):
     x = mx.random.normal((batch, 1, dim), key=key).astype(dtype)
     offset = mx.array(4000 + batch, dtype=mx.int32)
 
-    inv_freq = cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
+    inv_freq = rope_frequencies(attn.head_dim, attn.rope_theta)
     got = cuda_decode.rms_qkv_rope(x, layer.input_layernorm, attn, offset, inv_freq)
     want = attn.project(layer.input_layernorm(x), offset)
     for g, w in zip(got, want, strict=True):

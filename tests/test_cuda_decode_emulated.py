@@ -17,6 +17,7 @@ import pytest
 from emulated_cuda import CTYPES, build_library
 
 from qwen_lora import cuda_decode
+from qwen_lora.model import rope_frequencies
 
 THREADS = 64
 
@@ -185,7 +186,7 @@ def test_emulated_rms_qkv_rope(root, dtype):
     nw = (1 + 0.3 * rng.normal(size=K)).astype(dtype)
     w = (0.05 * rng.normal(size=(rows, K))).astype(dtype)
     bias = rng.normal(size=rows).astype(dtype)
-    inv_freq = (base ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
+    inv_freq = np.array(rope_frequencies(hd, base))  # what the decoding step passes
     q, k, v = (np.full((batch, heads, hd), np.nan, dtype=dtype) for heads in (nq, nkv, nkv))
     lib = build_library(kernel_source(
         "_RMS_QKV_ROPE", "const TYPE* x, const TYPE* nw, const float* eps, const TYPE* w, "

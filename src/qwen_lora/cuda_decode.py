@@ -379,12 +379,6 @@ def rms_swiglu(x: mx.array, norm: nn.RMSNorm, gate_up: nn.Linear) -> mx.array:
     return act
 
 
-def rope_frequencies(head_dim: int, base: float) -> mx.array:
-    """Rotation speeds of the first half of a head's dimensions (the non-traditional rope)."""
-    return mx.power(mx.array(base, dtype=mx.float32),
-                    -mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
-
-
 def rms_qkv_rope(x: mx.array, norm: nn.RMSNorm, attn: nn.Module, offset: mx.array,
                  inv_freq: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """Queries, keys and values (batch, heads, 1, head_dim) of `attn.qkv_proj(norm(x))`,

@@ -29,7 +29,7 @@ import mlx.nn as nn
 
 from qwen_lora import cuda_decode
 from qwen_lora.cache import KVCache
-from qwen_lora.model import Mask, Model
+from qwen_lora.model import Mask, Model, rope_frequencies
 
 Heads = tuple[mx.array, mx.array, mx.array]
 # The whole step's attention kernel runs one block per query head, its threads walking the
@@ -67,10 +67,7 @@ class DecodeStep:
         self.fused = (self.kernels_available
                       and all(cuda_decode.supports(layer) for layer in self.layers))
         attn = self.layers[0].self_attn
-        inv_freq = None
-        if self.fused:  # evaluated: a lazy array would be computed again in every call
-            inv_freq = cuda_decode.rope_frequencies(attn.head_dim, attn.rope_theta)
-            mx.eval(inv_freq)
+        inv_freq = rope_frequencies(attn.head_dim, attn.rope_theta) if self.fused else None
         parts = _Parts(self.fused, inv_freq)
         first = _embed_and_project(embed, self.layers[0], parts)
         between = [_layer_boundary(this, following, parts)

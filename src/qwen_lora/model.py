@@ -95,10 +95,12 @@ class Attention(nn.Module):
 
 
 @cache
-def _inverse_frequencies(half: int, base: float) -> mx.array:
-    """RoPE's frequencies base^(-i / half), i < half, as exp(-i / half log(base)): the
-    rounding of mx.fast.rope's, whose rotations these then equal (evaluated: a constant of a
-    trace)."""
+def rope_frequencies(head_dim: int, base: float) -> mx.array:
+    """RoPE's rotation speeds base^(-i / half) of a head's first half (i < head_dim / 2, not
+    traditional), as exp(-i / half log(base)): the rounding of mx.fast.rope's on a CPU,
+    whose rotations these then equal. One array for the CPU's decoding rotation and the
+    CUDA decoding kernels; evaluated, so that traces take it as a constant."""
+    half = head_dim // 2
     freqs = mx.exp(-mx.arange(half, dtype=mx.float32) / half * math.log(base))
     mx.eval(freqs)
     return freqs
@@ -109,7 +111,7 @@ def rope_one_position(x: mx.array, base: float, offset: int | mx.array) -> mx.ar
     `offset`, in elementwise operations: on a CPU MLX's rope is a separate call of ~50 us
     (2-core EPYC, MLX 0.32), where these fuse into the decoding step's compiled kernels."""
     half = x.shape[-1] // 2
-    angle = offset * _inverse_frequencies(half, base)
+    angle = offset * rope_frequencies(x.shape[-1], base)
     cos, sin = mx.cos(angle), mx.sin(angle)
     first, second = x[..., :half], x[..., half:]
     return mx.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
