@@ -123,13 +123,14 @@ def test_unused_without_a_cuda_device(tiny_dir):
 @pytest.mark.parametrize("sizes", ["tiny", "qwen2.5-0.5b"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, cuda_decode.MAX_BATCH])
-def test_kernels_equal_mlx_operations(sizes, dtype, batch):
+@pytest.mark.parametrize("position", [4000, 32000])  # rotations of up to 32,000 radians
+def test_kernels_equal_mlx_operations(sizes, dtype, batch, position):
     layer = _random_layer(sizes, dtype)
     attn, mlp = layer.self_attn, layer.mlp
     dim = layer.input_layernorm.weight.shape[0]
     key = mx.random.key(batch)
     x = mx.random.normal((batch, 1, dim), key=key).astype(dtype)
-    offset = mx.array(4000 + batch, dtype=mx.int32)
+    offset = mx.array(position + batch, dtype=mx.int32)
 
     inv_freq = rope_frequencies(attn.head_dim, attn.rope_theta)
     got = cuda_decode.rms_qkv_rope(x, layer.input_layernorm, attn, offset, inv_freq)

@@ -558,13 +558,17 @@ __device__ int qs_chunked_row(const T* x, float c, float top_p, unsigned long lo
 }
 """
 
-# token (B,) from logits (B, V); params = [1 / temperature, top_p]; key (2,) uint32 -> next_key.
-_SAMPLE = """
+# A row's draw, one block a row: the token (B,) from logits (B, V), params = [1 /
+# temperature, top_p], key (2,) uint32 -> next_key; DRAW names the row's drawing function.
+_ROW = """
   unsigned long long seed = qs_seed(key, next_key);
   const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
-  int token = qs_sample_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed);
+  const float c = params[0] * 1.4426950408889634f;  // log2(e) / temperature
+  int token = DRAW;
   if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 """
+
+_SAMPLE = _ROW.replace("DRAW", "qs_sample_row<T, V, TOPK>(x, c, params[1], seed)")
 
 # counts (B * chunks,), cand and cand_idx (B * chunks, SLOTS) from logits (B, V); one
 # block a chunk.
@@ -572,14 +576,9 @@ _CHUNK = """
   qs_chunk<T, V>(logits, counts, cand, cand_idx);
 """
 
-# token (B,) and next_key from logits (B, V), key, params and _CHUNK's outputs.
-_CHUNKED = """
-  unsigned long long seed = qs_seed(key, next_key);
-  const T* x = logits + static_cast<size_t>(blockIdx.x) * V;
-  int token = qs_chunked_row<T, V, TOPK>(x, params[0] * 1.4426950408889634f, params[1], seed,
-                                         counts, cand, cand_idx);
-  if (threadIdx.x == 0) tokens[blockIdx.x] = token;
-"""
+# _ROW over _CHUNK's outputs (inputs here).
+_CHUNKED = _ROW.replace("DRAW", "qs_chunked_row<T, V, TOPK>(x, c, params[1], seed, counts, "
+                                "cand, cand_idx)")
 
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
@@ -636,20 +635,16 @@ def sample(logits: mx.array, key: mx.array, params: mx.array, top_k: int = 0
     batch, vocab = logits.shape
     top_k = top_k if 0 < top_k < vocab else 0
     kernels = _kernels()
-    if not takes_chunks(vocab, top_k):
-        return tuple(kernels["sample"](
-            inputs=[logits, key, params],
-            template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
-            grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
-    n = batch * chunks(vocab)
-    parts = kernels["chunk"](
-        inputs=[logits], template=[("T", logits.dtype), ("V", vocab)],
-        grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(n,), (n * SLOTS,), (n * SLOTS,)],
-        output_dtypes=[mx.uint32, mx.float32, mx.int32])
-    return tuple(kernels["chunked"](
-        inputs=[logits, key, params, *parts],
-        template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
+    inputs, chunked = [logits, key, params], takes_chunks(vocab, top_k)
+    if chunked:
+        n = batch * chunks(vocab)
+        inputs += kernels["chunk"](
+            inputs=[logits], template=[("T", logits.dtype), ("V", vocab)],
+            grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(n,), (n * SLOTS,), (n * SLOTS,)],
+            output_dtypes=[mx.uint32, mx.float32, mx.int32])
+    draw = kernels["chunked" if chunked else "sample"]
+    return tuple(draw(
+        inputs=inputs, template=[("T", logits.dtype), ("V", vocab), ("TOPK", top_k)],
         grid=(batch * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(batch,), (2,)], output_dtypes=[mx.int32, mx.uint32]))
