@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,12 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     if fuse if fuse is not None else is_gpu():
         _fuse_frozen_projections(model)
     model.freeze()
-    for i in indices:
-        layer = model.layers[i]
-        for name in names:
-            parent_name, leaf = TARGETS[name].split(".")
-            parent = layer[parent_name]
-            if FUSED_INTO.get(name) in parent:  # a slice of a fused, frozen matmul
-                in_dims, out_dims = projection_dims(model.config, name)
-                setattr(parent, leaf, LoRAAdapter(in_dims, out_dims, rank, alpha, dropout))
-            else:
-                setattr(parent, leaf, LoRALinear(parent[leaf], rank, alpha, dropout))
+    for _, name, parent, leaf in _target_slots(model, indices, names):
+        if FUSED_INTO.get(name) in parent:  # a slice of a fused, frozen matmul
+            in_dims, out_dims = projection_dims(model.config, name)
+            setattr(parent, leaf, LoRAAdapter(in_dims, out_dims, rank, alpha, dropout))
+        else:
+            setattr(parent, leaf, LoRALinear(parent[leaf], rank, alpha, dropout))
     # A plain attribute, not a module child: it must stay out of the parameter tree.
     object.__setattr__(model, "lora_config", {
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": names,
@@ -172,14 +168,22 @@ def _check_adaptable(model: nn.Module, indices: list[int], names: list[str]) -> 
     if adapted:
         raise ValueError(f"{min(adapted)} already has a LoRA adapter: apply_lora adds every "
                          f"adapter in one call, to a model without any")
+    for i, name, parent, leaf in _target_slots(model, indices, names):
+        if parent is None or (leaf not in parent and FUSED_INTO.get(name) not in parent):
+            raise ValueError(f"layer {i} has no {TARGETS[name]} to adapt")
+
+
+def _target_slots(model: nn.Module, indices: list[int], names: list[str]
+                  ) -> Iterator[tuple[int, str, nn.Module | None, str]]:
+    """(layer index, target name, the module that holds the target (None where the layer
+    has no such module), the target's attribute there) for each target of the chosen
+    layers."""
     for i in indices:
         layer = model.layers[i]
         for name in names:
             parent_name, leaf = TARGETS[name].split(".")
             parent = layer.get(parent_name)
-            if not isinstance(parent, nn.Module) or (
-                    leaf not in parent and FUSED_INTO.get(name) not in parent):
-                raise ValueError(f"layer {i} has no {TARGETS[name]} to adapt")
+            yield i, name, parent if isinstance(parent, nn.Module) else None, leaf
 
 
 def _fuse_frozen_projections(model: nn.Module) -> None:
