@@ -332,7 +332,7 @@ def judge(rs: ResultSet, vocab: int) -> list[Verdict]:
                        "n/a" if speedup is None else f"{speedup:.1f}x",
                        None if speedup is None else speedup >= 2.0, f"`{bench}`"))
     sampling = sampling_overhead_benchmark(rs)
-    shares = sampling_shares(rs, QWEN_LORA, vocab)
+    shares = sampling_shares(rs, sampling, QWEN_LORA, vocab)
     worst = max(shares, key=shares.get) if shares else None
     runs = _across_runs(rs, sampling, FORWARD)
     out.append(Verdict("Sampling Overhead", "< 1% of forward",
@@ -349,11 +349,11 @@ SAMPLE_SHARED = "inference.Sampling.time_overhead"
 FORWARD = "inference.ForwardPass.time_forward"  # the decoding forward pass sampling shares
 
 
-def sampling_shares(rs: ResultSet, impl: str, vocab: int) -> dict[str, float]:
-    """Each strategy's draw over `vocab` logits as a share of the implementation's decoding
-    forward pass (the strategies both were measured for)."""
+def sampling_shares(rs: ResultSet, sampling: str, impl: str, vocab: int) -> dict[str, float]:
+    """Each strategy's draw over `vocab` logits (benchmark `sampling`, see
+    `sampling_overhead_benchmark`) as a share of the implementation's decoding forward pass
+    (the strategies both were measured for)."""
     forward = _v(rs.get(FORWARD, implementation=impl))
-    sampling = sampling_overhead_benchmark(rs)
     draws = {s: _v(rs.get(sampling, implementation=impl, strategy=s, vocabulary=vocab))
              for s in STRATEGIES}
     return {s: v / forward for s, v in draws.items() if v is not None and forward}
@@ -620,10 +620,10 @@ def section_inference(ctx: Context, vocab: int) -> list[str]:
                     "1.0x" if mode == "recompute" else fmt_ratio(base, _v(m))]
         kv_rows.append(row)
     forward = {i: ctx.m(FORWARD, i) for i in (QWEN_LORA, MLX_LM)}
-    shares = {i: sampling_shares(ctx.rs, i, vocab) for i in (QWEN_LORA, MLX_LM)}
+    sampling = sampling_overhead_benchmark(ctx.rs)
+    shares = {i: sampling_shares(ctx.rs, sampling, i, vocab) for i in (QWEN_LORA, MLX_LM)}
     vocabularies = sorted({p.get("vocabulary") for p, _ in
                            ctx.rs.series(SAMPLE_ALONE)} - {None}) or [32000, 151936]
-    sampling = sampling_overhead_benchmark(ctx.rs)
     shared = sampling == SAMPLE_SHARED
     s_header = ["Strategy"]
     for impl in (QWEN_LORA, MLX_LM):
